@@ -1,0 +1,9 @@
+"""learn2pd_core: learned parallel decoding for masked diffusion LMs (no Ray in here)."""
+from .config import DecodeConfig
+from .engine import GenerationResult, Trace, generate
+from .errors import ConfigError, Learn2PDError, ModelLoadError
+from .filter import FilterMLP, load_filter, save_filter
+from .model import DiffusionLM, load_model
+
+__all__ = ["DecodeConfig", "GenerationResult", "Trace", "generate", "ConfigError", "Learn2PDError", "ModelLoadError",
+           "FilterMLP", "load_filter", "save_filter", "DiffusionLM", "load_model"]

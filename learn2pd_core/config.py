@@ -1,0 +1,106 @@
+"""DecodeConfig: every decoding setting in one dataclass, validated once at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+POLICIES = ("vanilla", "threshold", "factor", "egp", "learn2pd")
+# "commit": the paper's EoTP (stop once an end-of-text token is committed);
+# "predict": the official code's variant (truncate at the most confident *predicted* end-of-text).
+EOTP_MODES = ("commit", "predict")
+DEFAULT_THRESHOLD = {"threshold": 0.9, "learn2pd": 0.96}
+
+
+@dataclass
+class DecodeConfig:
+    gen_length: int = 256
+    block_size: int = 32
+    steps: int | None = None          # vanilla/learn2pd top-k schedule; None = gen_length (one token per step)
+    temperature: float = 0.0          # 0 = greedy; > 0 = Gumbel-max sampling in float64 (as LLaDA)
+    policy: str = "vanilla"
+    threshold: float | None = None    # τ: threshold policy (0.9) or learn2pd filter (sidecar value, else 0.96)
+    factor: float = 1.0               # f of Fast-dLLM's factor rule
+    eotp: str | None = None           # None, "commit" or "predict" (True means "commit")
+    filter: Any = None                # FilterMLP or a path to one (learn2pd only)
+    references: Sequence[Sequence[int]] | None = field(default=None, repr=False)  # egp: one gen_length id list per prompt
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.gen_length <= 0 or self.block_size <= 0:
+            raise ConfigError(f"gen_length ({self.gen_length}) and block_size ({self.block_size}) must be positive")
+        if self.gen_length % self.block_size:
+            raise ConfigError(f"gen_length {self.gen_length} is not a multiple of block_size {self.block_size}; "
+                              f"use e.g. gen_length={self.block_size * max(1, round(self.gen_length / self.block_size))}")
+        if self.steps is None:
+            self.steps = self.gen_length
+        if not (self.num_blocks <= self.steps <= self.gen_length) or self.steps % self.num_blocks:
+            raise ConfigError(f"steps {self.steps} must be a multiple of the number of blocks ({self.num_blocks}) "
+                              f"between {self.num_blocks} and gen_length {self.gen_length}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature {self.temperature} must be >= 0 (0 is greedy)")
+        if self.eotp is True:
+            self.eotp = "commit"
+        if self.eotp is False:
+            self.eotp = None
+        if self.eotp is not None and self.eotp not in EOTP_MODES:
+            raise ConfigError(f"unknown eotp mode {self.eotp!r}; choose None, 'commit' (paper) or 'predict' (official code)")
+        if self.factor <= 0:
+            raise ConfigError(f"factor {self.factor} must be > 0 (Fast-dLLM default 1.0)")
+        self._check_threshold()
+        self._check_filter()
+        if self.policy == "egp":
+            if self.references is None:
+                raise ConfigError("policy 'egp' needs references: one reference answer (gen_length token ids) per prompt, "
+                                  "e.g. the token_ids of a vanilla greedy run")
+            for i, ref in enumerate(self.references):
+                if len(ref) != self.gen_length:
+                    raise ConfigError(f"reference {i} has {len(ref)} tokens, expected gen_length={self.gen_length}")
+
+    def _check_threshold(self):
+        if self.threshold is None:
+            return
+        # A confidence never exceeds 1, so τ > 1 is meaningless for `threshold`; for `learn2pd` it is the
+        # explicit "filter never fires" ablation (decoding falls back to the vanilla top-k).
+        upper = float("inf") if self.policy == "learn2pd" else 1.0
+        if not (0.0 <= self.threshold <= upper):
+            raise ConfigError(f"threshold {self.threshold} must be in [0, 1] (typical: 0.9 for threshold, 0.96 for learn2pd)")
+
+    def _check_filter(self):
+        if self.policy != "learn2pd":
+            return
+        if self.filter is None:
+            raise ConfigError("policy 'learn2pd' needs a filter: pass filter=<path to filter.safetensors or its directory> "
+                              "(train one with jobs/train_filter.py)")
+        if isinstance(self.filter, str) or hasattr(self.filter, "__fspath__"):
+            from .filter import load_filter
+            self.filter = load_filter(self.filter)
+        if self.filter.block_size != self.block_size:
+            raise ConfigError(f"filter was trained for block_size {self.filter.block_size} but decoding uses "
+                              f"block_size {self.block_size}; pass --block-size {self.filter.block_size} or train a new filter")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_size
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    @property
+    def tau(self) -> float:
+        """The threshold in force for `threshold`/`learn2pd`."""
+        if self.threshold is not None:
+            return self.threshold
+        if self.policy == "learn2pd" and getattr(self.filter, "threshold", None) is not None:
+            return self.filter.threshold
+        return DEFAULT_THRESHOLD.get(self.policy, 0.9)
+
+    def settings(self) -> dict:
+        """JSON-friendly summary for manifests and sidecars (no references, no filter weights)."""
+        return {"gen_length": self.gen_length, "block_size": self.block_size, "steps": self.steps,
+                "temperature": self.temperature, "policy": self.policy, "threshold": self.tau,
+                "factor": self.factor, "eotp": self.eotp, "seed": self.seed}

@@ -1,0 +1,53 @@
+"""Commit rules: which masked positions of the current block become final this step.
+
+Every function works on a batch of rows at once, each row holding its own current block:
+`confidence` [R, S] (float), `masked` [R, S] (bool). They return a bool commit mask [R, S] that is
+never true outside `masked` and, whenever a row has a masked position, commits at least one.
+Ties in confidence go to the lowest position (LLaDA's topk leaves ties unspecified; we fix them).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's get_num_transfer_tokens: split each row's masked count evenly over `steps`, remainder first."""
+    base, rem = masked_count // steps, masked_count % steps
+    return base[:, None] + (torch.arange(steps, device=masked_count.device)[None, :] < rem[:, None]).long()
+
+
+def top_k(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k[r] most confident masked positions of each row."""
+    score = confidence.masked_fill(~masked, float("-inf"))
+    rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return masked & (rank < k[:, None])
+
+
+def _at_least_one(confidence, masked):
+    return top_k(confidence, masked, torch.ones(confidence.shape[0], dtype=torch.long, device=confidence.device))
+
+
+def threshold_rule(confidence, masked, tau: float):
+    """Fast-dLLM threshold: every masked token with confidence >= τ, and always the most confident one."""
+    return (masked & (confidence >= tau)) | _at_least_one(confidence, masked)
+
+
+def factor_rule(confidence, masked, factor: float):
+    """Fast-dLLM factor: the top-n while (n + 1)(1 - c_n) < f, c_n the n-th largest masked confidence."""
+    ranked = confidence.masked_fill(~masked, float("-inf")).sort(dim=-1, descending=True, stable=True).values
+    n = torch.arange(1, ranked.shape[-1] + 1, device=ranked.device, dtype=ranked.dtype)
+    ok = ((n + 1) * (1 - ranked) < factor) & torch.isfinite(ranked)
+    count = ok.long().cumprod(dim=-1).sum(dim=-1).clamp(min=1)   # length of the leading run that passes
+    return top_k(confidence, masked, count)
+
+
+def egp_rule(confidence, masked, predicted, reference):
+    """Extremely Greedy Parallel oracle: every masked position predicted as the reference; when none is,
+    the most confident one (it is then written with its reference token, which guarantees progress)."""
+    match = masked & (predicted == reference)
+    return match | (_at_least_one(confidence, masked) & ~match.any(dim=-1, keepdim=True))
+
+
+def learn2pd_rule(confidence, masked, filter_logits, tau: float, k: torch.Tensor):
+    """Learn2PD: masked positions the filter accepts (sigmoid > τ), together with the vanilla top-k."""
+    return (masked & (torch.sigmoid(filter_logits) > tau)) | top_k(confidence, masked, k)

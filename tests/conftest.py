@@ -1,0 +1,63 @@
+import pytest
+import torch
+from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+from learn2pd_core import DiffusionLM
+
+VOCAB, PAD, EOS, MASK = 48, 0, 2, 47
+
+# Test models are tiny: one thread is faster than two, and immune to a busy machine's thread contention.
+torch.set_num_threads(1)
+
+
+def random_mlm(seed=0, sharpness=1.5):
+    """A small seeded ModernBERT in float64 (no near-ties). A wide init makes its predictions depend on
+    position and spreads confidences over (0.2, 0.9), so threshold/factor/learn2pd commit several tokens per step."""
+    torch.manual_seed(seed)
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, global_attn_every_n_layers=1, max_position_embeddings=512,
+                           pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, cls_token_id=1, sep_token_id=EOS,
+                           attn_implementation="sdpa", initializer_range=0.5)
+    m = ModernBertForMaskedLM(cfg)
+    with torch.no_grad():
+        m.decoder.weight.mul_(sharpness)
+        m.decoder.bias[MASK] = -1e4   # like a trained dLLM, never predict the mask token itself
+    return m.double().eval()
+
+
+class EosAfter(torch.nn.Module):
+    """Wraps a mask predictor so that end-of-text becomes very likely `offset` tokens after the first
+    attended position of each row: a model that ends its answers, for EoTP tests. Relative to the row's own
+    start, so it behaves the same padded in a batch or alone."""
+
+    def __init__(self, inner, offset, bias=30.0):
+        super().__init__()
+        self.inner, self.offset, self.bias = inner, offset, bias
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        T = input_ids.shape[1]
+        first = (attention_mask.long().argmax(dim=1) if attention_mask is not None
+                 else torch.zeros(input_ids.shape[0], dtype=torch.long))
+        late = torch.arange(T)[None, :] >= (first + self.offset)[:, None]
+        out.logits[..., EOS] += self.bias * late
+        return out
+
+
+def wrap(model):
+    return DiffusionLM(model, tokenizer=None, mask_token_id=MASK, eos_token_ids=(EOS,), pad_token_id=PAD, name="test")
+
+
+@pytest.fixture(scope="session")
+def toy():
+    return wrap(random_mlm())
+
+
+@pytest.fixture(scope="session")
+def eos_toy():
+    return wrap(EosAfter(random_mlm(), offset=30))
+
+
+def prompts_of_lengths(*lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, MASK, (n,), generator=g).tolist() for n in lengths]
