@@ -82,6 +82,17 @@ class DecodeConfig:
             raise ConfigError(f"filter was trained for block_size {self.filter.block_size} but decoding uses "
                               f"block_size {self.block_size}; pass --block-size {self.filter.block_size} or train a new filter")
 
+    @classmethod
+    def from_method(cls, method: str, **settings) -> "DecodeConfig":
+        """Config for a method name as used on command lines: a policy, optionally '+eotp' or '+eotp-predict'
+        (e.g. 'learn2pd+eotp'); `settings` supply the rest (gen_length, filter, references, ...)."""
+        policy, _, suffix = method.partition("+")
+        modes = {"": None, "eotp": "commit", "eotp-predict": "predict"}
+        if suffix not in modes:
+            raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
+                              "by +eotp or +eotp-predict")
+        return cls(policy=policy, eotp=modes[suffix], **settings)
+
     @property
     def num_blocks(self) -> int:
         return self.gen_length // self.block_size

@@ -154,6 +154,8 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
             commit = policies.learn2pd_rule(conf, masked, filt(conf.to(filt_dtype)), tau, k)
         x[rows[:, None], pos] = torch.where(commit, pred, current)
         n_commit = commit.sum(dim=1)
+        if bool((n_commit == 0).any()):   # every rule commits >= 1 per step; without it decoding never ends
+            raise RuntimeError(f"policy {cfg.policy!r} committed no token in a block that still has masks")
 
         if cfg.eotp:
             cut = torch.where(commit & torch.isin(pred, eos_ids), pos, L).min(dim=1).values

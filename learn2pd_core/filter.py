@@ -74,3 +74,24 @@ def load_filter(path: str | os.PathLike) -> FilterMLP:
     except RuntimeError as e:
         raise ConfigError(f"filter weights in {weights} do not match its sidecar {sidecar.name}: {e}") from None
     return filt.eval()
+
+
+def filter_loss(filt: FilterMLP, confidence: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of the filter against the oracle's correct flags (paper eq. 6)."""
+    return nn.functional.binary_cross_entropy_with_logits(filt(confidence), correct.to(confidence.dtype))
+
+
+def fit_filter(confidence, correct, *, epochs: int = 2000, lr: float = 1e-3, hidden: int | None = None,
+               layers: int = 2, seed: int = 0, provenance: dict | None = None) -> FilterMLP:
+    """Full-batch AdamW fit on one process: traces [N, S] confidences and [N, S] correct flags.
+    The Ray Train job distributes this same loss; this is the small in-process path."""
+    confidence = torch.as_tensor(confidence, dtype=torch.float32)
+    correct = torch.as_tensor(correct)
+    torch.manual_seed(seed)
+    filt = FilterMLP(confidence.shape[1], hidden, layers, provenance=provenance)
+    opt = torch.optim.AdamW(filt.parameters(), lr=lr)
+    for _ in range(epochs):
+        opt.zero_grad()
+        filter_loss(filt, confidence, correct).backward()
+        opt.step()
+    return filt.eval()

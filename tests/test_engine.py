@@ -34,6 +34,7 @@ def _configs():
     yield "learn2pd", dict(policy="learn2pd", filter=_filter(), threshold=0.5)
     yield "vanilla+eotp", dict(policy="vanilla", eotp="commit")
     yield "threshold+eotp-predict", dict(policy="threshold", threshold=0.5, eotp="predict")
+    yield "egp+eotp", dict(policy="egp", references="vanilla", eotp="commit")
     yield "learn2pd+eotp", dict(policy="learn2pd", filter=_filter(), threshold=0.5, eotp="commit")
 
 

@@ -1,0 +1,78 @@
+"""Decoding-engine benchmark: every policy side by side on the same prompts, at batch 1 and batch 16.
+
+    python benchmarks/engine.py [--model tiny] [--prompts 16] [--gen-length 256] [--repeats 3] [--filter DIR]
+
+Without --filter, a filter is fitted first on EGP traces of instruction-family prompts (not the
+benchmark prompts). Prints one markdown table; times are medians of --repeats runs.
+"""
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from learn2pd_core import Learn2PDError, load_filter, load_model
+from learn2pd_core.bench import compare_methods, fit_filter_on, markdown_table
+from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
+
+METHODS = ["vanilla", "threshold", "factor", "egp", "learn2pd", "vanilla+eotp", "learn2pd+eotp"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="'tiny', a checkpoint directory or a hub id")
+    ap.add_argument("--prompts", type=int, default=16, help="benchmark-family prompts to decode")
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (policy[+eotp])")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
+    ap.add_argument("--filter", help="filter directory; default: fit one on instruction-family EGP traces")
+    ap.add_argument("--filter-prompts-per-task", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model)
+    settings = dict(gen_length=args.gen_length, block_size=args.block_size)
+    if args.filter:
+        filt = load_filter(args.filter)
+    else:
+        start = time.perf_counter()
+        train = [e["prompt"] for e in instruction_examples(args.filter_prompts_per_task, seed=123)]
+        filt, rows = fit_filter_on(model, train, **settings)
+        print(f"fitted a filter on {rows} EGP trace rows from {len(train)} instruction prompts "
+              f"in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    examples = _spread(benchmark_examples(per_task=args.prompts, seed=0), args.prompts)
+    prompts = [e["prompt"] for e in examples]
+    rows = []
+    for bs in map(int, args.batch_sizes.split(",")):
+        rows += compare_methods(model, prompts, args.methods.split(","), batch_size=bs, repeats=args.repeats,
+                                score=lambda i, text: score(examples[i], text), filter=filt, **settings)
+    print(f"\n{args.model} on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {len(prompts)} prompts, gen {args.gen_length}, block {args.block_size}, "
+          f"median of {args.repeats}\n")
+    print(markdown_table(rows))
+    by = {(r["method"], r["batch"]): r for r in rows}
+    sizes = sorted({r["batch"] for r in rows})
+    if len(sizes) > 1 and ("vanilla", sizes[0]) in by:
+        ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
+        print(f"\nvanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
+
+
+def _spread(examples, n):
+    """n examples taken round-robin across tasks, so every task is represented."""
+    by_task = {}
+    for e in examples:
+        by_task.setdefault(e["task"], []).append(e)
+    out, i = [], 0
+    while len(out) < n and any(i < len(v) for v in by_task.values()):
+        out += [v[i] for v in by_task.values() if i < len(v)]
+        i += 1
+    return out[:n]
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Learn2PDError as e:
+        sys.exit(f"error: {e}")

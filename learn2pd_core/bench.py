@@ -1,0 +1,89 @@
+"""Side-by-side measurement of decoding methods on the same prompts: NFE, tokens per forward, tokens/s,
+speedup against vanilla, the policies' bookkeeping share of a step, and accuracy where a scorer exists."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+from .config import DecodeConfig
+from .engine import generate
+
+
+class TimedModel:
+    """Delegates to a DiffusionLM and adds up the seconds spent in its forward passes."""
+
+    def __init__(self, model):
+        self.model, self.seconds = model, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, attention_mask=None):
+        start = time.perf_counter()
+        logits = self.model(input_ids, attention_mask)
+        if logits.is_cuda:
+            import torch
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return logits
+
+
+def compare_methods(model, prompts: Sequence, methods: Sequence[str], *, batch_size: int, repeats: int = 3,
+                    score: Callable[[int, str], bool] | None = None, **settings) -> list[dict]:
+    """One row per method. Times are medians over `repeats` runs after a warm-up; 'egp' uses the vanilla
+    output of the same run as its reference, so it must come after 'vanilla' in `methods`."""
+    rows, vanilla = [], None
+    plain = {k: v for k, v in settings.items() if k in ("gen_length", "block_size", "steps")}
+    generate(model, prompts[:batch_size], DecodeConfig(**plain), batch_size=batch_size)   # warm-up
+    for method in methods:
+        extra = {"references": [r.token_ids for r in vanilla]} if method.startswith("egp") else {}
+        cfg = DecodeConfig.from_method(method, **settings, **extra)
+        walls, shares = [], []
+        for _ in range(repeats):
+            timed = TimedModel(model)
+            start = time.perf_counter()
+            results = generate(timed, prompts, cfg, batch_size=batch_size)
+            wall = time.perf_counter() - start
+            walls.append(wall)
+            shares.append(1 - timed.seconds / wall)
+        if method == "vanilla":
+            vanilla = results
+        nfe = sum(r.nfe for r in results)
+        tokens = sum(r.answer_tokens for r in results)
+        wall = statistics.median(walls)
+        row = {"method": method, "batch": batch_size, "nfe": nfe / len(results), "tpf": tokens / nfe,
+               "tok_s": tokens / wall, "seconds": wall, "bookkeeping": statistics.median(shares)}
+        if score:
+            row["accuracy"] = 100 * sum(score(i, r.text) for i, r in enumerate(results)) / len(results)
+        rows.append(row)
+    base = {r["batch"]: r["tok_s"] for r in rows if r["method"] == "vanilla"}
+    for r in rows:
+        r["speedup"] = r["tok_s"] / base[r["batch"]] if base.get(r["batch"]) else float("nan")
+    return rows
+
+
+COLUMNS = [("method", "method", "{}"), ("batch", "batch", "{}"), ("nfe", "NFE/prompt", "{:.1f}"),
+           ("tpf", "tokens/forward", "{:.2f}"), ("tok_s", "tokens/s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
+           ("bookkeeping", "bookkeeping", "{:.1%}"), ("accuracy", "accuracy %", "{:.1f}")]
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "" for key, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def fit_filter_on(model, prompts: Sequence, *, gen_length: int, block_size: int, batch_size: int = 16,
+                  epochs: int = 2000, lr: float = 3e-3, seed: int = 0):
+    """Collect EGP traces on `prompts` and fit a filter in-process: the whole Learn2PD recipe, small."""
+    from .filter import fit_filter
+    from .oracle import collect_egp, trace_matrix
+
+    _, egp = collect_egp(model, prompts, gen_length, block_size, batch_size)
+    conf, correct = trace_matrix(egp)
+    provenance = {"model": model.name, "gen_length": gen_length, "block_size": block_size,
+                  "prompts": len(prompts), "trace_rows": int(len(conf))}
+    return fit_filter(conf, correct, epochs=epochs, lr=lr, seed=seed, provenance=provenance), len(conf)

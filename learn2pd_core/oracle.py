@@ -1,0 +1,25 @@
+"""Trace collection: the model's own greedy answer as reference, then the EGP oracle re-decode."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .config import DecodeConfig
+from .engine import GenerationResult, generate
+from .model import DiffusionLM
+
+
+def collect_egp(model: DiffusionLM, prompts: Sequence, gen_length: int = 256, block_size: int = 32,
+                batch_size: int | None = None) -> tuple[list[GenerationResult], list[GenerationResult]]:
+    """(vanilla greedy references, EGP re-decodes with their trace records), both batched."""
+    refs = generate(model, prompts, DecodeConfig(gen_length=gen_length, block_size=block_size), batch_size=batch_size)
+    egp = generate(model, prompts, DecodeConfig(gen_length=gen_length, block_size=block_size, policy="egp",
+                                                references=[r.token_ids for r in refs]), batch_size=batch_size)
+    return refs, egp
+
+
+def trace_matrix(results: Sequence[GenerationResult]) -> tuple[np.ndarray, np.ndarray]:
+    """All records of EGP results stacked: confidences [N, S] float32 and correct flags [N, S] bool."""
+    traces = [r.trace for r in results if r.trace is not None and len(r.trace.block)]
+    return np.concatenate([t.confidence for t in traces]), np.concatenate([t.correct for t in traces])

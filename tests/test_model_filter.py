@@ -1,0 +1,98 @@
+"""The filter's shape and file format, and the model loader's offline paths and error messages."""
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import random_mlm
+from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, ModelLoadError, fit_filter, generate, load_filter, load_model, save_filter
+
+
+def test_filter_has_the_papers_2112_parameters_at_block_32():
+    assert sum(p.numel() for p in FilterMLP(block_size=32).parameters()) == 2112
+    assert sum(p.numel() for p in FilterMLP(block_size=32, hidden=64, layers=3).parameters()) == 32 * 64 + 64 + 64 * 64 + 64 + 64 * 32 + 32
+
+
+def test_filter_round_trips_through_safetensors_and_sidecar(tmp_path):
+    torch.manual_seed(0)
+    filt = FilterMLP(block_size=16, hidden=24, layers=3, threshold=0.9, provenance={"model": "tiny", "gen_length": 256})
+    save_filter(filt, tmp_path / "f")
+    back = load_filter(tmp_path / "f")
+    x = torch.rand(5, 16)
+    torch.testing.assert_close(back(x), filt(x))
+    meta = json.loads((tmp_path / "f" / "filter.json").read_text())
+    assert (meta["block_size"], meta["layers"], meta["hidden"], meta["threshold"]) == (16, 3, 24, 0.9)
+    assert meta["provenance"]["model"] == "tiny"
+    assert not list((tmp_path / "f").glob("*.tmp"))
+    assert DecodeConfig(gen_length=32, block_size=16, policy="learn2pd", filter=str(tmp_path / "f")).tau == 0.9
+
+
+def test_filter_errors_name_the_problem(tmp_path):
+    save_filter(FilterMLP(block_size=16), tmp_path)
+    with pytest.raises(ConfigError, match="trained for block_size 16 but decoding uses block_size 32"):
+        DecodeConfig(gen_length=64, block_size=32, policy="learn2pd", filter=str(tmp_path))
+    with pytest.raises(ConfigError, match="no filter at"):
+        load_filter(tmp_path / "nowhere")
+    (tmp_path / "filter.json").write_text(json.dumps({"block_size": 16, "hidden": 8, "layers": 2}))
+    with pytest.raises(ConfigError, match="do not match its sidecar"):
+        load_filter(tmp_path)
+
+
+def _save_checkpoint(path):
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 ")
+    specials = ["<pad>", "<s>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    vocab["<mask>"] = 47
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", mask_token="<mask>")
+    tok.save_pretrained(path)
+    random_mlm().float().save_pretrained(path)
+
+
+def test_load_model_from_a_local_checkpoint(tmp_path):
+    _save_checkpoint(tmp_path)
+    model = load_model(str(tmp_path), device="cpu")
+    assert (model.mask_token_id, model.eos_token_ids, model.pad_token_id) == (47, (2,), 0)
+    assert model.device.type == "cpu" and model.max_length == 512
+    ids = model.encode_prompt("abc 12")
+    assert model.decode(ids) == "abc 12"
+    logits = model(torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), 48)
+    res = generate(model, ["abc", "hello world"], DecodeConfig(gen_length=16, block_size=8))
+    assert [len(r.token_ids) for r in res] == [16, 16] and all(r.nfe == 16 for r in res)
+
+
+def test_missing_weights_give_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "missing" / "dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_model("GSAI-ML/LLaDA-8B-Instruct")
+    msg = str(e.value)
+    assert "GSAI-ML/LLaDA-8B-Instruct" in msg and "local directory" in msg and "cache" in msg and "\n" not in msg
+
+
+def test_remote_code_is_never_run_without_consent(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "auto_map": {"AutoModel": "m.Model"}}))
+    with pytest.raises(ModelLoadError, match="trust_remote_code=True"):
+        load_model(str(tmp_path))
+
+
+def test_fit_filter_learns_a_confidence_rule():
+    # Oracle flags that depend on confidence (and on the neighbour): the fit must beat the base rate.
+    g = torch.Generator().manual_seed(0)
+    conf = torch.rand(4000, 8, generator=g)
+    correct = (conf + 0.3 * conf.roll(1, dims=1)) > 0.8
+    base = correct.float().mean()
+    base_loss = -(base * base.log() + (1 - base) * (1 - base).log())
+    from learn2pd_core.filter import filter_loss
+    filt = fit_filter(conf, correct, epochs=400, lr=1e-2)
+    with torch.no_grad():
+        assert filter_loss(filt, conf, correct) < 0.5 * base_loss
