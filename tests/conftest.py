@@ -61,3 +61,43 @@ def eos_toy():
 def prompts_of_lengths(*lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, MASK, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-API server process (moto) on loopback, with one bucket; yields the s3:// root URI."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="learn2pd-test")
+                break
+            except Exception:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto S3 server did not start")
+        yield "s3://learn2pd-test"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

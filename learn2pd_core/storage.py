@@ -1,0 +1,101 @@
+"""Output storage: local paths and s3:// URIs behind one pyarrow filesystem, written atomically.
+
+Datasets are directories of Parquet part files. A part becomes visible only when complete (local: written
+under a hidden temporary name, then renamed; S3: an object appears only when its upload finishes), so a
+reader never sees half a part and an interrupted job leaves nothing that looks finished.
+S3-compatible endpoints come from the standard AWS settings (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
+AWS_REGION, credentials): pyarrow does not read the endpoint variables itself (apache/arrow#49643).
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .errors import Learn2PDError
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3://bucket/prefix URI."""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return pafs.S3FileSystem(endpoint_override=endpoint, region=region), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        raise Learn2PDError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _is_visible(path: str) -> bool:
+    return not os.path.basename(path).startswith((".", "_"))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp" if isinstance(fs, pafs.LocalFileSystem) else path
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    if tmp != path:
+        fs.move(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    """One Parquet part, atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_parts(uri: str, suffix: str = ".parquet") -> list[str]:
+    """Finished part files directly under a dataset directory, sorted (temporary files excluded)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return [join(uri, n) for n in names if _is_visible(n)]
+
+
+def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table | None:
+    """All finished parts of a dataset directory as one table, or None when there are none."""
+    tables = []
+    for part in list_parts(uri):
+        fs, path = resolve(part)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
+def remove(uri: str) -> None:
+    """Delete a directory (or prefix) and everything under it; nothing to do if absent."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
