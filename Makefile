@@ -9,7 +9,8 @@ setup:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 run: setup
-	$(PYTHON) -m learn2pd_core.demo
+	$(PYTHON) jobs/collect.py --output runs/collect
+	$(PYTHON) -m learn2pd_core.demo --traces runs/collect
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -94,6 +94,11 @@ def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.delete_file(path)
+
+
 def remove(uri: str) -> None:
     """Delete a directory (or prefix) and everything under it; nothing to do if absent."""
     fs, path = resolve(uri)

@@ -1,0 +1,71 @@
+"""Collect-job benchmark: the Ray job (1 and 2 actors) against a plain loop calling the engine on the same
+prompts, with the same per-batch code and outputs. Ray start-up and model loading are reported apart.
+
+    python benchmarks/collect.py [--prompts 64] [--gen-length 256] [--batch-size 16] [--actors 1,2]
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from collect import CollectActor, write_batch  # noqa: E402
+from learn2pd_core import load_model  # noqa: E402
+from learn2pd_core.prompts import load_prompts  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--actors", default="1,2")
+    args = ap.parse_args()
+    rows = load_prompts(per_task=64, limit=None)
+    rows = [rows[i] for i in range(0, len(rows), max(1, len(rows) // args.prompts))][:args.prompts]
+    settings = dict(gen_length=args.gen_length, block_size=args.block_size, chat=True)
+    tmp = tempfile.mkdtemp()
+    results = []
+
+    start = time.perf_counter()
+    model = load_model(args.model)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    n_rows = 0
+    for i in range(0, len(rows), args.batch_size):
+        n_rows += write_batch(model, rows[i:i + args.batch_size], f"{tmp}/plain", **settings)["trace_rows"][0]
+    plain_s = time.perf_counter() - start
+    results.append(("plain loop", "-", plain_s, load_s, n_rows))
+
+    import ray
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    init_s = time.perf_counter() - start
+    for n in map(int, args.actors.split(",")):
+        start = time.perf_counter()
+        out = ray.data.from_items(rows).map_batches(
+            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=1,
+            fn_constructor_kwargs=dict(model=args.model, output=f"{tmp}/ray{n}", gen_length=args.gen_length,
+                                       block_size=args.block_size, chat=True)).take_all()
+        wall = time.perf_counter() - start
+        # Actors load their replicas in parallel: one model load is the start-up share of this wall time.
+        results.append(("ray job", n, wall - load_s, load_s, sum(o["trace_rows"] for o in out)))
+    shutil.rmtree(tmp)
+
+    print(f"\n{len(rows)} prompts, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}; "
+          f"Ray start-up {init_s:.1f}s (excluded)\n")
+    print("| run | actors | decode+write s | model load s | prompts/s | trace rows/s | wall ratio vs plain |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, secs, load, trace_rows in results:
+        print(f"| {name} | {n} | {secs:.1f} | {load:.1f} | {len(rows) / secs:.2f} | {trace_rows / secs:.1f} | "
+              f"{secs / plain_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Stage 1 of Learn2PD: collect EGP traces with Ray.
+
+Ray Data shards the prompts across actors that each hold one model replica; every batch decodes the
+model's own greedy reference, re-decodes it with the EGP oracle, and writes its traces, references and
+errors as atomic Parquet parts under --output (a local path or s3://bucket/prefix). A rerun skips prompts
+that already have a reference or an error row, so an interrupted run resumes; --overwrite starts afresh.
+
+    python jobs/collect.py                              # tiny model, synthetic instruction family, runs/collect
+    ray job submit --working-dir . -- python jobs/collect.py --model GSAI-ML/LLaDA-8B-Instruct \\
+        --prompts Muennighoff/flan --per-task 40 --raw-prompts --gpus-per-actor 1 --num-actors 8 --output s3://b/run1
+"""
+import argparse
+import datetime
+import hashlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
+
+from learn2pd_core import Learn2PDError, load_model, storage  # noqa: E402
+from learn2pd_core.prompts import TINY_SOURCE, load_prompts  # noqa: E402
+from learn2pd_core.traces import collect_batch  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a checkpoint directory or a hub id (default: tiny)")
+    ap.add_argument("--prompts", default=TINY_SOURCE,
+                    help=f"'{TINY_SOURCE}', a .jsonl/.parquet file, or a Hugging Face dataset id such as Muennighoff/flan")
+    ap.add_argument("--prompt-column", help="column holding the prompt text (default: prompt, inputs or question)")
+    ap.add_argument("--task-column", default="task", help="column holding the task type (default: task)")
+    ap.add_argument("--per-task", type=int, help="prompts sampled per task type with --seed (paper: 40); default all "
+                                                 "(tiny: 8)")
+    ap.add_argument("--limit", type=int, help="use only the first N prompts after sampling")
+    ap.add_argument("--gen-length", type=int, default=256, help="generation length (default 256)")
+    ap.add_argument("--block-size", type=int, default=32, help="block size; the filter's input width (default 32)")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per actor batch, decoded together (default 16)")
+    ap.add_argument("--num-actors", type=int, default=1, help="model replicas, one per actor (default 1)")
+    ap.add_argument("--gpus-per-actor", type=float, default=None,
+                    help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    ap.add_argument("--raw-prompts", action="store_true",
+                    help="tokenise prompts as they are, without the chat template (the paper's code did this)")
+    ap.add_argument("--output", default="runs/collect", help="local directory or s3://bucket/prefix (default runs/collect)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed for --per-task (default 0)")
+    ap.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
+    return ap.parse_args(argv)
+
+
+def part_name(prompt_ids) -> str:
+    """Named by content, so a retried batch overwrites its own part instead of adding a second one."""
+    return "part-" + hashlib.sha1("\n".join(sorted(prompt_ids)).encode()).hexdigest()[:16] + ".parquet"
+
+
+def write_batch(model, rows: list[dict], output: str, **settings) -> dict:
+    """Collect one batch and write its parts; returns the batch's counts."""
+    traces, refs, errors = collect_batch(model, rows, **settings)
+    name = part_name([r["prompt_id"] for r in rows])
+    # Traces first: a prompt counts as done once its reference row exists, so its traces are complete.
+    storage.write_table(storage.join(output, "traces", name), traces)
+    if errors.num_rows:
+        storage.write_table(storage.join(output, "errors", name), errors)
+    storage.write_table(storage.join(output, "references", name), refs)
+    return {"prompts": [len(rows)], "trace_rows": [traces.num_rows], "errors": [errors.num_rows]}
+
+
+class CollectActor:
+    """One model replica: load in __init__, collect a batch in __call__ (Ray's batch-inference pattern)."""
+
+    def __init__(self, model: str, output: str, gen_length: int, block_size: int, chat: bool):
+        self.model = load_model(model)
+        self.output, self.settings = output, dict(gen_length=gen_length, block_size=block_size, chat=chat)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [{"prompt_id": str(p), "task": str(t), "prompt": q}
+                for p, t, q in zip(batch["prompt_id"], batch["task"], batch["prompt"])]
+        return write_batch(self.model, rows, self.output, **self.settings)
+
+
+def finished_prompt_ids(output: str) -> set[str]:
+    """Prompts with a reference or an error row; trace parts of unfinished batches are removed."""
+    done = set()
+    for kind in ("references", "errors"):
+        table = storage.read_dataset(storage.join(output, kind), columns=["prompt_id"])
+        if table is not None:
+            done.update(table.column("prompt_id").to_pylist())
+    finished = {p.rsplit("/", 1)[1] for p in storage.list_parts(storage.join(output, "references"))}
+    for part in storage.list_parts(storage.join(output, "traces")):
+        if part.rsplit("/", 1)[1] not in finished:
+            storage.delete_file(part)
+    return done
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import ray
+    import torch
+    import transformers
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    prompts = load_prompts(args.prompts, per_task=args.per_task, limit=args.limit, seed=args.seed,
+                           prompt_column=args.prompt_column, task_column=args.task_column)
+    ids = [r["prompt_id"] for r in prompts]
+    if len(set(ids)) != len(ids):
+        raise Learn2PDError(f"{args.prompts} has duplicate prompt ids; give each row a unique prompt_id")
+    if args.overwrite:
+        storage.remove(args.output)
+    done = finished_prompt_ids(args.output)
+    pending = [r for r in prompts if r["prompt_id"] not in done]
+    print(f"{len(prompts)} prompts from {args.prompts}: {len(prompts) - len(pending)} already done, "
+          f"{len(pending)} to collect", flush=True)
+
+    if pending:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+        gpus = args.gpus_per_actor
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        ds = ray.data.from_items(pending)
+        summary = ds.map_batches(
+            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=args.num_actors),
+            num_gpus=gpus, num_cpus=1 if not gpus else None,
+            fn_constructor_kwargs=dict(model=args.model, output=args.output, gen_length=args.gen_length,
+                                       block_size=args.block_size, chat=not args.raw_prompts)).take_all()
+        print(f"this run: {sum(s['prompts'] for s in summary)} prompts, "
+              f"{sum(s['trace_rows'] for s in summary)} trace rows, {sum(s['errors'] for s in summary)} failures",
+              flush=True)
+
+    refs = storage.read_dataset(storage.join(args.output, "references"), columns=["prompt_id", "trace_rows"])
+    errs = storage.read_dataset(storage.join(args.output, "errors"), columns=["prompt_id"])
+    n_refs = refs.num_rows if refs is not None else 0
+    n_rows = sum(refs.column("trace_rows").to_pylist()) if refs is not None else 0
+    n_errs = errs.num_rows if errs is not None else 0
+    storage.write_json(storage.join(args.output, "manifest.json"), {
+        "stage": "collect", "model": args.model, "prompts_source": args.prompts, "per_task": args.per_task,
+        "limit": args.limit, "seed": args.seed, "chat_template": not args.raw_prompts,
+        "decode": {"gen_length": args.gen_length, "block_size": args.block_size, "reference": "vanilla greedy",
+                   "policy": "egp"},
+        "counts": {"prompts": len(prompts), "collected": n_refs, "trace_rows": n_rows, "errors": n_errs},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__},
+        "started": started.isoformat(), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    print(f"traces in {storage.join(args.output, 'traces')}")
+    print(f"collect: {n_refs} prompts, {n_rows} trace rows, {n_errs} failures -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Learn2PDError as e:
+        sys.exit(f"error: {e}")

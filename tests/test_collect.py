@@ -1,0 +1,136 @@
+"""jobs/collect.py end to end on the tiny model: real local Ray, real S3-API server on loopback."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from learn2pd_core import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")   # another checkpoint directory may stand in
+FAST = ["--model", MODEL, "--gen-length", "64", "--block-size", "32", "--batch-size", "4"]
+
+
+def collect(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "collect.py"), *FAST, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if check and proc.returncode:
+        raise AssertionError(f"collect failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def rows(output, kind):
+    table = storage.read_dataset(storage.join(output, kind))
+    return sorted(table.to_pylist(), key=lambda r: (r["prompt_id"], r.get("block", 0), r.get("step", 0))) if table else []
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("collect") / "out")
+    proc = collect("--limit", "8", "--output", out)
+    return out, proc
+
+
+def test_traces_match_the_oracle(local_run):
+    out, proc = local_run
+    assert "collect: 8 prompts" in proc.stdout.splitlines()[-1] and "0 failures" in proc.stdout.splitlines()[-1]
+    traces, refs = rows(out, "traces"), rows(out, "references")
+    assert storage.read_dataset(storage.join(out, "traces")).schema.equals(
+        __import__("learn2pd_core.traces", fromlist=["TRACES"]).TRACES)
+    assert len(refs) == 8 and len({r["prompt_id"] for r in refs}) == 8
+    for ref in refs:
+        mine = [t for t in traces if t["prompt_id"] == ref["prompt_id"]]
+        assert len(mine) == ref["egp_nfe"] == ref["trace_rows"]          # one trace row per EGP forward pass
+        assert ref["vanilla_nfe"] == 64 and len(ref["reference_ids"]) == 64
+        for a, b in zip(mine, mine[1:]):
+            if a["block"] != b["block"]:
+                continue
+            newly = [i for i in range(32) if a["masked"][i] and not b["masked"][i]]
+            hits = [i for i in range(32) if a["masked"][i] and a["correct"][i]]
+            # EGP commits exactly the correct masked predictions, or one forced token when there are none.
+            assert newly == hits if hits else len(newly) == 1
+    manifest = storage.read_json(storage.join(out, "manifest.json"))
+    assert manifest["counts"] == {"prompts": 8, "collected": 8, "trace_rows": len(traces), "errors": 0}
+    assert manifest["decode"]["gen_length"] == 64 and manifest["model"] == MODEL
+
+
+def test_rerun_is_idempotent_and_resumes(local_run, tmp_path):
+    out, _ = local_run
+    again = collect("--limit", "8", "--output", out)
+    assert "8 already done, 0 to collect" in again.stdout
+    # Simulate a kill: one batch lost its reference part (its traces part is now an orphan) and a temp file is left.
+    broken = str(tmp_path / "broken")
+    subprocess.run(["cp", "-r", out, broken], check=True)
+    lost = sorted(Path(broken, "references").glob("part-*.parquet"))[0]
+    lost.unlink()
+    Path(broken, "traces", ".part-x.parquet.123.tmp").write_bytes(b"partial")
+    resumed = collect("--limit", "8", "--output", broken)
+    assert "4 already done, 4 to collect" in resumed.stdout
+    for kind in ("traces", "references"):
+        assert rows(broken, kind) == rows(out, kind)
+
+
+def test_s3_output_equals_local_output(local_run, s3_server):
+    out, _ = local_run
+    uri = f"{s3_server}/run1"
+    proc = collect("--limit", "8", "--output", uri)
+    assert "testing-secret" not in proc.stdout + proc.stderr
+    for kind in ("traces", "references"):
+        assert rows(uri, kind) == rows(out, kind)
+    assert "testing-secret" not in json.dumps(storage.read_json(storage.join(uri, "manifest.json")))
+
+
+def test_bad_prompts_are_recorded_and_skipped(tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    good = [{"prompt_id": f"ok{i}", "task": "reverse", "prompt": f"Reverse the word: abc{i}"} for i in range(3)]
+    bad = [{"prompt_id": "empty", "task": "reverse", "prompt": "  "},
+           {"prompt_id": "huge", "task": "reverse", "prompt": "x" * 5000},
+           {"prompt_id": "notext", "task": "reverse", "prompt": None}]
+    src.write_text("\n".join(json.dumps(r) for r in good + bad))
+    out = str(tmp_path / "out")
+    proc = collect("--prompts", str(src), "--output", out)
+    errors = {r["prompt_id"]: r["error"] for r in rows(out, "errors")}
+    assert set(errors) == {"empty", "huge", "notext"}
+    assert "empty" in errors["empty"] and "exceeds the model's context" in errors["huge"]
+    assert {r["prompt_id"] for r in rows(out, "references")} == {"ok0", "ok1", "ok2"}
+    assert "3 failures" in proc.stdout.splitlines()[-1]
+
+
+def test_unusable_sources_fail_at_once_with_one_line(tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "hi"}))
+    proc = collect("--prompts", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "no prompt column" in proc.stderr and "Traceback" not in proc.stderr
+    proc = collect("--prompts", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"), check=False)
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit(tmp_path):
+    import secrets
+    port, dash = _free_port(), _free_port()
+    # Ray >= 2.59 authenticates local clusters by token: the head and the submitting client share one.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=180, env=env)
+    try:
+        out = str(tmp_path / "out")
+        proc = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                               "--", "python", "jobs/collect.py", *FAST, "--limit", "2", "--output", out],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "collect: 2 prompts" in proc.stdout
+        assert len(rows(out, "references")) == 2
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
