@@ -134,3 +134,31 @@ def test_ray_job_submit(tmp_path):
         assert len(rows(out, "references")) == 2
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_dead_actor_is_replaced_and_its_batch_retried(tmp_path):
+    marker = tmp_path / "crashed"
+    script = tmp_path / "crash_once.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {str(ROOT / "jobs")!r})
+import collect
+
+class CrashOnce(collect.CollectActor):
+    def __call__(self, batch):
+        if not os.path.exists({str(marker)!r}):
+            open({str(marker)!r}, "w").close()
+            os._exit(1)          # the actor's process dies in the middle of its first batch
+        return super().__call__(batch)
+
+collect.CollectActor = CrashOnce
+sys.exit(collect.main(sys.argv[1:]))
+""")
+    out = str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "jobs")}   # workers import the base class from jobs/collect.py
+    proc = subprocess.run([sys.executable, str(script), *FAST, "--limit", "8", "--output", out], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert marker.exists()
+    refs = rows(out, "references")
+    assert sorted(r["prompt_id"] for r in refs) == sorted({r["prompt_id"] for r in refs}) and len(refs) == 8
