@@ -1,0 +1,124 @@
+"""Model-card figures for the tiny diffusion LM, measured with the project's own decoding engine.
+
+    python -m learn2pd_core.tiny.measure [--model tiny] [--per-task 40] [--n1024 32] [--write]
+
+Benchmark family, evaluation seed 0, greedy, block 32:
+  gen 256: vanilla, threshold tau=0.5 / 0.9, EGP oracle (references = vanilla token ids);
+  gen 1024: vanilla on a subset (16x costlier), share of forward passes spent after end-of-text.
+--write replaces the measured section of MODEL_CARD.md.
+"""
+import argparse
+import collections
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from learn2pd_core import DecodeConfig, generate, load_model
+from .tasks import BENCHMARK_TASKS, benchmark_examples, score
+
+CARD = Path(__file__).with_name("MODEL_CARD.md")
+START, END = "<!-- measured:start -->", "<!-- measured:end -->"
+
+
+def run(model, exs, cfg, batch_size):
+    t = time.time()
+    res = generate(model, [e["prompt"] for e in exs], cfg, batch_size=batch_size)
+    ok = [score(e, r.text) for e, r in zip(exs, res)]
+    per_task = collections.defaultdict(list)
+    for e, o in zip(exs, ok):
+        per_task[e["task"]].append(o)
+    nfe = sum(r.nfe for r in res)
+    return dict(acc=100 * sum(ok) / len(ok), nfe=nfe, nfe_per_prompt=nfe / len(res),
+                tpf=sum(r.answer_tokens for r in res) / nfe, seconds=time.time() - t,
+                per_task={k: 100 * sum(v) / len(v) for k, v in per_task.items()}, results=res, ok=ok)
+
+
+def after_eot_share(results, block):
+    """Share of forward passes spent on blocks that start after the first end-of-text token."""
+    after = sum(f for r in results for b, f in enumerate(r.forwards_per_block) if b * block > r.answer_tokens)
+    return after / sum(r.nfe for r in results)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--per-task", type=int, default=40)
+    ap.add_argument("--n1024", type=int, default=32, help="prompts decoded at gen 1024 (0 = skip)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="update MODEL_CARD.md")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model, device="cpu")
+    exs = benchmark_examples(a.per_task, seed=0)
+    bs = a.batch_size
+
+    def cfg(**kw):
+        return DecodeConfig(**{"gen_length": 256, "block_size": 32, **kw})
+
+    runs = {"vanilla": run(model, exs, cfg(policy="vanilla"), bs)}
+    van = runs["vanilla"]
+    print(f"vanilla {van['acc']:.1f}% nfe/prompt {van['nfe_per_prompt']:.1f} {van['seconds']:.0f}s", flush=True)
+    for tau in (0.5, 0.7, 0.9):
+        runs[f"threshold {tau}"] = r = run(model, exs, cfg(policy="threshold", threshold=tau), bs)
+        print(f"threshold {tau}: {r['acc']:.1f}% nfe/prompt {r['nfe_per_prompt']:.1f}", flush=True)
+    refs = [r.token_ids for r in van["results"]]
+    runs["egp oracle"] = r = run(model, exs, cfg(policy="egp", references=refs), bs)
+    print(f"egp: {r['acc']:.1f}% nfe/prompt {r['nfe_per_prompt']:.1f}", flush=True)
+
+    long = None
+    if a.n1024:
+        # every k-th prompt so all task types are represented
+        sub_idx = list(range(0, len(exs), max(1, len(exs) // a.n1024)))[:a.n1024]
+        sub = [exs[i] for i in sub_idx]
+        long = run(model, sub, cfg(gen_length=1024, policy="vanilla"), bs)
+        long["after_eot"] = after_eot_share(long["results"], 32)
+        long["same_text"] = sum(long["results"][j].text == van["results"][i].text
+                                for j, i in enumerate(sub_idx)) / len(sub)
+        long["acc256_same_prompts"] = 100 * sum(van["ok"][i] for i in sub_idx) / len(sub)
+        long["n"] = len(sub)
+        print(f"gen1024: {long['acc']:.1f}% after-EoT share {long['after_eot']:.3f} "
+              f"same text as gen256 {long['same_text']:.3f}", flush=True)
+
+    md = render(runs, long, len(exs), a)
+    print(md)
+    summary = {k: {x: v[x] for x in ("acc", "nfe_per_prompt", "tpf", "seconds", "per_task")}
+               for k, v in runs.items()}
+    if long:
+        summary["vanilla gen1024"] = {x: long[x] for x in ("acc", "nfe_per_prompt", "after_eot", "same_text",
+                                                          "acc256_same_prompts", "n", "seconds")}
+    print(json.dumps(summary, indent=1))
+    if a.write:
+        text = CARD.read_text()
+        text = re.sub(re.escape(START) + ".*" + re.escape(END), lambda _: f"{START}\n{md}\n{END}", text, flags=re.S)
+        CARD.write_text(text)
+
+
+def render(runs, long, n, a):
+    van = runs["vanilla"]
+    lines = [f"Benchmark family, seed 0, {n} prompts ({a.per_task} per task), gen_length 256, block 32, "
+             f"greedy, batch {a.batch_size}, `python -m learn2pd_core.tiny.measure`.", "",
+             "| policy | accuracy % | Δ vs vanilla | forwards / prompt | tokens / forward | wall s |",
+             "|---|---|---|---|---|---|"]
+    for k, r in runs.items():
+        lines.append(f"| {k} | {r['acc']:.1f} | {r['acc'] - van['acc']:+.1f} | {r['nfe_per_prompt']:.1f} "
+                     f"| {r['tpf']:.2f} | {r['seconds']:.0f} |")
+    lines += ["", "| task | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for t in BENCHMARK_TASKS:
+        lines.append(f"| {t} | " + " | ".join(f"{r['per_task'][t]:.0f}" for r in runs.values()) + " |")
+    egp = runs["egp oracle"]
+    lines += ["", f"EGP oracle forward passes: {egp['nfe'] / van['nfe']:.3f} of vanilla's."]
+    if long:
+        lines += ["", f"gen_length 1024 (vanilla, {long['n']} prompts, every {n // long['n']}th of the set, "
+                      f"to keep CPU time reasonable): accuracy {long['acc']:.1f}% (same prompts at 256: "
+                      f"{long['acc256_same_prompts']:.1f}%), identical text to gen 256 for "
+                      f"{100 * long['same_text']:.0f}% of prompts; **{100 * long['after_eot']:.1f}% of "
+                      f"forward passes are spent on blocks after end-of-text**; {long['seconds']:.0f} s."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

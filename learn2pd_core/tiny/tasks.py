@@ -1,0 +1,316 @@
+"""Seeded synthetic task suite for the tiny diffusion LM.
+
+Two disjoint families:
+  * instruction (stand-in for FLAN; prompts for trace collection),
+  * benchmark   (stand-ins for GSM8K / MATH / code; held out for evaluation).
+
+Every task is `gen(rng) -> (prompt, answer)`; multi-answer tasks have their own validity
+scorer (it parses the prompt, so an example dict is all `score` needs).
+
+Held-out rule: a prompt belongs to the evaluation pool iff crc32(prompt) % 8 == 0.
+`instruction_examples` / `benchmark_examples` (any seed; the project evaluates with seed 0)
+draw only from that pool, `training_examples` (the model's SFT data, seeds >= 1000 by
+convention) only from the rest, so no evaluation prompt is ever trained on while every
+task *type* of both families is.
+"""
+import random
+import re
+import zlib
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+NAMES = ["Ann", "Ben", "Cal", "Dora", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jill", "Kim", "Leo"]
+ITEMS = ["apples", "pens", "cards", "books", "coins", "eggs", "shells", "stamps", "marbles", "cups"]
+
+
+def _word(rng, lo, hi):
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+def _nums(xs):
+    return ", ".join(str(x) for x in xs)
+
+
+# ---------------------------------------------------------------- instruction family
+def reverse_word(rng):
+    w = _word(rng, 3, 8)
+    return f"Reverse the word '{w}'.", w[::-1]
+
+
+def sort_letters(rng):
+    w = _word(rng, 3, 7)
+    return f"Sort the letters of '{w}' alphabetically.", "".join(sorted(w))
+
+
+def copy_list(rng):
+    xs = [rng.randint(0, 99) for _ in range(rng.randint(2, 8))]
+    return f"Copy this list: {_nums(xs)}", _nums(xs)
+
+
+def count_char(rng):
+    w = _word(rng, 4, 9)
+    c = rng.choice(w) if rng.random() < 0.8 else rng.choice(LETTERS)
+    return f"How many times does '{c}' appear in '{w}'?", str(w.count(c))
+
+
+def add_two(rng):
+    a, b = rng.randint(0, 60), rng.randint(0, 39)
+    return f"What is {a} plus {b}?", str(a + b)
+
+
+def uppercase(rng):
+    s = " ".join(_word(rng, 2, 6) for _ in range(rng.randint(1, 4)))
+    return f"Write '{s}' in uppercase.", s.upper()
+
+
+def repeat_pattern(rng):
+    p, n = _word(rng, 1, 4), rng.randint(2, 10)
+    return f"Repeat '{p}' {n} times.", p * n
+
+
+def count_up(rng):  # long answers (up to ~160 chars)
+    a = rng.randint(0, 60)
+    b = a + rng.randint(3, 39)
+    return f"Count from {a} to {b}.", " ".join(str(i) for i in range(a, b + 1))
+
+
+def first_letters(rng):
+    ws = [_word(rng, 2, 6) for _ in range(rng.randint(2, 6))]
+    return f"Give the first letter of each word: {' '.join(ws)}", "".join(w[0] for w in ws)
+
+
+def largest(rng):
+    xs = rng.sample(range(100), rng.randint(2, 6))
+    return f"Which number is the largest: {_nums(xs)}?", str(max(xs))
+
+
+def word_length(rng):
+    w = _word(rng, 1, 12)
+    return f"How many letters are in '{w}'?", str(len(w))
+
+
+def any_permutation(rng):  # multi-answer
+    s = "".join(rng.sample(LETTERS, rng.randint(3, 5)))
+    ans = "".join(rng.sample(s, len(s)))
+    return f"Write any ordering of the letters {s}.", ans
+
+
+def two_letters(rng):  # multi-answer
+    s = rng.sample(LETTERS, rng.randint(3, 6))
+    return f"Name two different letters from: {', '.join(s)}", ", ".join(rng.sample(s, 2))
+
+
+def digit_string(rng):  # multi-answer; majority digit dominates every position's marginal
+    a, b = rng.sample("0123456789", 2)
+    n = rng.randint(3, 6)
+    k = rng.randint(1, (n - 1) // 2) if n < 6 else 2
+    pos = set(rng.sample(range(n), k))
+    ans = "".join(b if i in pos else a for i in range(n))
+    return f"Write {n} digits, all {a} except exactly {k} of them {b}.", ans
+
+
+# ---------------------------------------------------------------- benchmark family
+def word_problem(rng):  # GSM8K stand-in: worked steps, final '#### n' (single-digit facts)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    x = rng.randint(1, 8)
+    sents, steps = [f"{name} has {x} {item}."], []
+    for i in range(rng.randint(1, 3)):
+        then = "Then " if i else ""
+        if (rng.random() < 0.5 or x < 2) and x < 9:
+            d = rng.randint(1, 9 - x)
+            sents.append(f"{then}{name} gets {d} more.")
+            steps.append(f"{x} + {d} = {x + d}")
+            x += d
+        else:
+            d = rng.randint(1, x - 1)
+            sents.append(f"{then}{name} gives away {d}.")
+            steps.append(f"{x} - {d} = {x - d}")
+            x -= d
+    sents.append(f"How many {item} now?")
+    return " ".join(sents), "\n".join(steps + [f"#### {x}"])
+
+
+def _linear(terms):
+    return " + ".join(terms).replace("+ -", "- ")
+
+
+def simplify(rng):  # MATH stand-in: collect like terms, answer '$ax + b$'
+    while True:
+        xs = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
+        cs = [rng.randint(1, 5) * rng.choice([1, 1, -1]) for _ in range(rng.randint(1, 2))]
+        if sum(xs) <= 9 and 0 <= sum(cs) <= 9 and cs[0] > 0:
+            break
+    terms = [f"{c}x" for c in xs] + [str(c) for c in cs]
+    rng.shuffle(terms)
+    terms.sort(key=lambda t: t.startswith("-"))  # never start with a minus sign
+    a, b = sum(xs), sum(cs)
+    lines = [f"{_linear([f'{c}x' for c in xs])} = {a}x", f"{_linear([str(c) for c in cs])} = {b}"]
+    final = f"{a}x" if b == 0 else _linear([f"{a}x", str(b)])
+    return f"Simplify {_linear(terms)}.", "\n".join(lines + [f"The final answer is ${final}$"])
+
+
+STR_OPS = {"reverse": lambda s: s[::-1], "uppercase": str.upper, "double": lambda s: s + s,
+           "drop the first letter": lambda s: s[1:], "append z": lambda s: s + "z"}
+
+
+def string_program(rng):  # code stand-in: run a described program, show each state
+    s = _word(rng, 2, 4)
+    ops = rng.sample(list(STR_OPS), rng.randint(1, 2))
+    lines, cur = [], s
+    for op in ops:
+        cur = STR_OPS[op](cur)
+        lines.append(cur)
+    return f"Start with '{s}', then {', then '.join(ops)}.", "\n".join(lines + [f"#### {cur}"])
+
+
+def letter_word(rng):  # multi-answer; parallel commits of the majority letter break the count
+    a, b = rng.sample(LETTERS, 2)
+    n = rng.randint(3, 6)
+    k = rng.randint(1, (n - 1) // 2) if n < 6 else 2
+    pos = set(rng.sample(range(n), k))
+    ans = "".join(b if i in pos else a for i in range(n))
+    return f"Write a word of length {n} using only the letters {a} and {b}, with exactly {k} {b}.", ans
+
+
+def number_pick(rng):  # multi-answer
+    par = rng.choice(["even", "odd"])
+    lo = rng.randint(0, 30)
+    hi = lo + rng.randint(10, 40)
+    pool = [x for x in range(lo + 1, hi) if x % 2 == (par == "odd")]
+    k = rng.randint(2, 4)
+    return f"List {k} different {par} numbers between {lo} and {hi}.", _nums(sorted(rng.sample(pool, k)))
+
+
+def step_sequence(rng):  # long deterministic answers (up to ~150 chars)
+    s = rng.choice([1, 2, 5, 10])
+    a = rng.randint(0, 10) * s
+    b = a + s * rng.randint(3, 30)
+    return f"List the numbers from {a} to {b} counting by {s}.", _nums(range(a, b + 1, s))
+
+
+# ---------------------------------------------------------------- scorers
+def _exact(ex, out):
+    return out.strip() == ex["answer"].strip()
+
+
+def _final_hash(ex, out):  # GSM8K strict match: first '#### value'
+    m = re.search(r"#### *(\S+)", out)
+    gold = re.search(r"#### *(\S+)", ex["answer"]).group(1)
+    return bool(m) and m.group(1).rstrip(".").replace(",", "") == gold
+
+
+def _parse_linear(s):
+    """'7x - 3' / '-3 + 7x' -> (7, -3); None if not a linear expression in x."""
+    s = s.replace(" ", "")
+    if not s or not re.fullmatch(r"([+-]?\d*x|[+-]?\d+)+", s):
+        return None
+    a = b = 0
+    for t in re.findall(r"[+-]?\d*x|[+-]?\d+", s):
+        if t.endswith("x"):
+            c = t[:-1]
+            a += int(c + "1") if c in ("", "+", "-") else int(c)
+        else:
+            b += int(t)
+    return a, b
+
+
+def _simplify_ok(ex, out):  # equivalence, not string match
+    m = re.search(r"final answer is \$([^$]*)\$", out)
+    gold = _parse_linear(re.search(r"final answer is \$([^$]*)\$", ex["answer"]).group(1))
+    return bool(m) and _parse_linear(m.group(1)) == gold
+
+
+def _letter_word_ok(ex, out):
+    n, a, b, k = re.search(r"length (\d+) using only the letters (\w) and (\w), with exactly (\d+)",
+                           ex["prompt"]).groups()
+    w = out.strip()
+    return len(w) == int(n) and set(w) <= {a, b} and w.count(b) == int(k)
+
+
+def _digit_string_ok(ex, out):
+    n, a, k, b = re.search(r"Write (\d+) digits, all (\d) except exactly (\d+) of them (\d)",
+                           ex["prompt"]).groups()
+    w = out.strip()
+    return len(w) == int(n) and set(w) <= {a, b} and w.count(b) == int(k)
+
+
+def _permutation_ok(ex, out):
+    s = re.search(r"letters (\w+)\.", ex["prompt"]).group(1)
+    return sorted(out.strip()) == sorted(s)
+
+
+def _two_letters_ok(ex, out):
+    pool = re.search(r"from: (.*)$", ex["prompt"]).group(1).split(", ")
+    got = out.strip().split(", ")
+    return len(got) == 2 and got[0] != got[1] and all(g in pool for g in got)
+
+
+def _number_pick_ok(ex, out):
+    k, par, lo, hi = re.search(r"List (\d+) different (\w+) numbers between (\d+) and (\d+)",
+                               ex["prompt"]).groups()
+    try:
+        xs = [int(t) for t in out.strip().split(", ")]
+    except ValueError:
+        return False
+    return (len(xs) == int(k) == len(set(xs)) and all(int(lo) < x < int(hi) for x in xs)
+            and all(x % 2 == (par == "odd") for x in xs))
+
+
+INSTRUCTION = {f.__name__: f for f in [reverse_word, sort_letters, copy_list, count_char, add_two,
+                                       uppercase, repeat_pattern, count_up, first_letters, largest,
+                                       word_length, any_permutation, two_letters, digit_string]}
+BENCHMARK = {f.__name__: f for f in [word_problem, simplify, string_program, letter_word,
+                                     number_pick, step_sequence]}
+INSTRUCTION_TASKS = list(INSTRUCTION)
+BENCHMARK_TASKS = list(BENCHMARK)
+MULTI_ANSWER_TASKS = ["any_permutation", "two_letters", "digit_string", "letter_word", "number_pick"]
+SCORERS = {"word_problem": _final_hash, "string_program": _final_hash, "simplify": _simplify_ok,
+           "letter_word": _letter_word_ok, "digit_string": _digit_string_ok,
+           "any_permutation": _permutation_ok, "two_letters": _two_letters_ok,
+           "number_pick": _number_pick_ok}
+
+
+def score(example: dict, completion: str) -> bool:
+    return SCORERS.get(example["task"], _exact)(example, completion)
+
+
+# ---------------------------------------------------------------- sampling
+def held_out(prompt: str) -> bool:
+    return zlib.crc32(prompt.encode()) % 8 == 0
+
+
+def _examples(tasks, family, per_task, seed):
+    out = []
+    for name, gen in tasks.items():
+        rng, seen = random.Random(f"{name}-{seed}"), set()
+        for _ in range(1000 * per_task):
+            if len(seen) == per_task:
+                break
+            prompt, answer = gen(rng)
+            if held_out(prompt) and prompt not in seen:
+                out.append({"id": f"{name}-{seed}-{len(seen)}", "family": family, "task": name,
+                            "prompt": prompt, "answer": answer})
+                seen.add(prompt)
+    return out
+
+
+def instruction_examples(per_task: int, seed: int = 0) -> list[dict]:
+    return _examples(INSTRUCTION, "instruction", per_task, seed)
+
+
+def benchmark_examples(per_task: int, seed: int = 0) -> list[dict]:
+    return _examples(BENCHMARK, "benchmark", per_task, seed)
+
+
+def training_stream(seed: int = 1000, benchmark_share: float = 0.7):
+    """Endless (prompt, answer) SFT pairs from both families, never from the held-out pool."""
+    rng = random.Random(seed)
+    while True:
+        tasks = BENCHMARK if rng.random() < benchmark_share else INSTRUCTION
+        prompt, answer = tasks[rng.choice(list(tasks))](rng)
+        if not held_out(prompt):
+            yield prompt, answer
+
+
+def training_examples(n: int, seed: int = 1000, benchmark_share: float = 0.7) -> list[tuple]:
+    stream = training_stream(seed, benchmark_share)
+    return [next(stream) for _ in range(n)]

@@ -1,0 +1,171 @@
+"""Train the tiny diffusion LM with LLaDA's SFT objective on the synthetic task suite.
+
+    python -m learn2pd_core.tiny.train --out learn2pd_core/tiny/checkpoint
+    python -m learn2pd_core.tiny.train --out /tmp/t --tiny-config     # seconds-long smoke run
+
+Sequence = chat-templated prompt (left-padded, never masked) + answer + <|endoftext|> padding
+up to a generation length L. Each response token (padding included) is masked with probability
+t ~ U(eps, 1) per sequence; loss = CE on masked tokens / t, summed and divided by L per sequence.
+L varies per batch (64 ... 1024, fixed token budget per batch) so the model learns to predict
+end-of-text padding however far out the decoder asks, at a fraction of the cost of always 1024.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+from .tasks import training_stream
+from .tokenizer import VOCAB_SIZE, build_tokenizer
+
+DEFAULTS = dict(hidden=128, layers=4, heads=4, inter=256, steps=3000, lr=3e-3, warmup=100,
+                benchmark_share=0.8, tokens_per_batch=3072, gen_lengths=(32, 64, 128, 256, 512, 1024),
+                gen_probs=(0.6, 0.1, 0.05, 0.12, 0.06, 0.07), eps=1e-3)
+TINY = dict(hidden=32, layers=1, heads=2, inter=64, steps=40, lr=3e-3, warmup=5, benchmark_share=0.7,
+            tokens_per_batch=1024, gen_lengths=(32, 64), gen_probs=(0.5, 0.5), eps=1e-3)
+
+
+def make_model(tok, hidden, layers, heads, inter, **_):
+    cfg = ModernBertConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=inter, global_attn_every_n_layers=1,
+        max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None, cls_token_id=None, sep_token_id=None, attn_implementation="sdpa")
+    return ModernBertForMaskedLM(cfg)
+
+
+def prompt_ids(tok, prompt):
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                   add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_batch(tok, pairs, gen_length):
+    """Left-padded prompts + answer + EOS padding -> (input_ids, attention_mask, response_mask)."""
+    ps = [prompt_ids(tok, p) for p, _ in pairs]
+    width = max(map(len, ps))
+    ids, attn = [], []
+    for p, (_, a) in zip(ps, pairs):
+        resp = tok(a, add_special_tokens=False)["input_ids"][:gen_length - 1]
+        resp += [tok.eos_token_id] * (gen_length - len(resp))
+        pad = width - len(p)
+        ids.append([tok.pad_token_id] * pad + p + resp)
+        attn.append([0] * pad + [1] * (len(p) + gen_length))
+    ids, attn = torch.tensor(ids), torch.tensor(attn)
+    resp_mask = torch.zeros_like(ids, dtype=torch.bool)
+    resp_mask[:, width:] = True
+    return ids, attn, resp_mask
+
+
+def diffusion_loss(model, ids, attn, resp_mask, mask_id, eps, gen=None):
+    b = ids.shape[0]
+    # stratified t across the batch (same marginal U(eps, 1), lower-variance gradient)
+    u = (torch.rand(1, generator=gen) + torch.arange(b).unsqueeze(1) / b) % 1
+    t = eps + (1 - eps) * u
+    masked = resp_mask & (torch.rand(ids.shape, generator=gen) < t)
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = model(input_ids=noisy, attention_mask=attn).logits
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
+    w = torch.zeros(ids.shape)
+    w[masked] = ce / t.expand_as(ids)[masked]
+    return (w.sum(1) / resp_mask.sum(1)).mean()
+
+
+def batches(tok, hp, seed, groups=4):
+    """Endless stream of (gen_length, encoded batch); same seed -> same batches.
+
+    Draws `groups` batches' worth of pairs at once and sorts them by length, so little compute
+    goes to prompt padding or to stretching L for one long answer."""
+    rng, stream = random.Random(seed), training_stream(seed, hp["benchmark_share"])
+    while True:
+        gl0 = rng.choices(hp["gen_lengths"], hp["gen_probs"])[0]
+        bs = max(2, hp["tokens_per_batch"] // (gl0 + 64))
+        pool = sorted((next(stream) for _ in range(bs * groups)),
+                      key=lambda pa: (math.ceil((len(pa[1]) + 1) / 32), len(pa[0])))
+        for g in rng.sample(range(groups), groups):
+            pairs = pool[g * bs:(g + 1) * bs]
+            need = max(len(a) for _, a in pairs) + 1
+            gl = max(gl0, 32 * math.ceil(need / 32))  # never truncate an answer
+            yield gl, encode_batch(tok, pairs, gl)
+
+
+@torch.no_grad()
+def fixed_eval_loss(model, tok, hp, seed=1, n=4):
+    """Loss on fixed batches with fixed masks: comparable across training steps."""
+    gen, it = torch.Generator().manual_seed(seed), batches(tok, hp, seed + 10_000)
+    model.eval()
+    loss = sum(diffusion_loss(model, *next(it)[1], tok.mask_token_id, hp["eps"], gen).item()
+               for _ in range(n)) / n
+    model.train()
+    return loss
+
+
+def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, **overrides):
+    hp = {**(TINY if tiny else DEFAULTS), **{k: v for k, v in overrides.items() if v is not None}}
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    model = make_model(tok, **hp)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / hp["warmup"]) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1, s / hp["steps"])))))
+    gen = torch.Generator().manual_seed(seed)
+    eval_before = fixed_eval_loss(model, tok, hp)
+    t0, ema, it = time.time(), None, batches(tok, hp, seed)
+    for step in range(1, hp["steps"] + 1):
+        gl, batch = next(it)
+        loss = diffusion_loss(model, *batch, tok.mask_token_id, hp["eps"], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % log_every == 0 or step == hp["steps"]:
+            print(f"step {step:5d} loss {loss.item():.4f} ema {ema:.4f} L {gl:4d} "
+                  f"bs {batch[0].shape[0]:3d} lr {sched.get_last_lr()[0]:.2e} "
+                  f"{time.time() - t0:6.0f}s", flush=True)
+        if out and save_every and step % save_every == 0:  # lets a long run be inspected early
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+    wall = time.time() - t0
+    eval_after = fixed_eval_loss(model, tok, hp)
+    info = dict(seed=seed, tiny=tiny, hp={k: v for k, v in hp.items()}, wall_s=round(wall, 1),
+                final_loss_ema=round(ema, 4), fixed_eval_loss_before=round(eval_before, 4),
+                fixed_eval_loss_after=round(eval_after, 4),
+                params=sum(p.numel() for p in model.parameters()), torch=torch.__version__)
+    print(json.dumps(info), flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        with open(os.path.join(out, "training_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    return model, tok, info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=1000, help="training seed (>= 1000 by convention)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--tokens-per-batch", type=int, dest="tokens_per_batch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--tiny-config", action="store_true", help="seconds-long run (tests)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    train(a.out, seed=a.seed, tiny=a.tiny_config, log_every=5 if a.tiny_config else 50, save_every=a.save_every,
+          steps=a.steps, lr=a.lr, hidden=a.hidden, layers=a.layers,
+          tokens_per_batch=a.tokens_per_batch)
+
+
+if __name__ == "__main__":
+    main()

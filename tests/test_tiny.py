@@ -1,0 +1,148 @@
+"""Tests for the embedded tiny diffusion LM: checkpoint, tokenizer, task suite, training script."""
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from learn2pd_core.tiny import tasks
+from learn2pd_core.tiny.tokenizer import ALPHABET, build_tokenizer
+
+CKPT = Path(__file__).resolve().parents[1] / "learn2pd_core" / "tiny" / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return tasks.instruction_examples(20, seed=0) + tasks.benchmark_examples(20, seed=0)
+
+
+def test_checkpoint_loads_offline_with_auto_classes(monkeypatch):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(CKPT)
+    model = AutoModelForMaskedLM.from_pretrained(CKPT).eval()
+    assert model.config.model_type == "modernbert"
+    assert set(model.config.layer_types) == {"full_attention"}
+    assert tok.mask_token_id != tok.pad_token_id and tok.eos_token_id not in (tok.mask_token_id,)
+    assert sum(f.stat().st_size for f in CKPT.iterdir()) < 20e6
+    ids = tok.apply_chat_template([{"role": "user", "content": "Count from 3 to 6."}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = ids + [tok.mask_token_id] * 32
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), model.config.vocab_size)
+    # the trained model knows the answer is short: the last masked position is end-of-text
+    assert logits[0, -1].argmax().item() == tok.eos_token_id
+
+
+def test_left_padding_is_exact():
+    """RoPE + attention mask: a left-padded row gives the same logits as the unpadded one."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(CKPT)
+    model = AutoModelForMaskedLM.from_pretrained(CKPT).eval()
+    ids = tok("<|user|>Reverse the word 'abc'.\n<|assistant|>")["input_ids"] + [tok.mask_token_id] * 8
+    padded = [tok.pad_token_id] * 5 + ids
+    with torch.no_grad():
+        a = model(input_ids=torch.tensor([ids])).logits[0]
+        b = model(input_ids=torch.tensor([padded]),
+                  attention_mask=torch.tensor([[0] * 5 + [1] * len(ids)])).logits[0, 5:]
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_tokenizer_round_trips_task_alphabet(examples):
+    tok = build_tokenizer()
+    texts = [e[k] for e in examples for k in ("prompt", "answer")] + [ALPHABET, "  a  b\n\n c "]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text)  # one token per character
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    specials = [tok.mask_token_id, tok.eos_token_id, tok.pad_token_id]
+    assert len(set(specials)) == 3
+    assert tok.decode(tok("ab c")["input_ids"] + specials, skip_special_tokens=True) == "ab c"
+
+
+def test_chat_template():
+    tok = build_tokenizer()
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == "<|user|>What is 2 plus 3?\n<|assistant|>"
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids[0] == tok.convert_tokens_to_ids("<|user|>")
+    assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "What is 2 plus 3?\n"
+
+
+def _corruptions(answer):
+    """Wrong answers: a changed character, a dropped line/char, an extra token."""
+    rng = random.Random(answer)
+    i = rng.randrange(len(answer))
+    swapped = answer[:i] + ("7" if answer[i] != "7" else "8") + answer[i + 1:]
+    return [swapped, answer[:-1], answer + "9", "", answer.split("\n")[0] + "x"]
+
+
+@pytest.mark.parametrize("task", tasks.INSTRUCTION_TASKS + tasks.BENCHMARK_TASKS)
+def test_scorer_accepts_reference_and_rejects_corruptions(task):
+    exs = [e for e in tasks.instruction_examples(15, 0) + tasks.benchmark_examples(15, 0)
+           if e["task"] == task]
+    assert len(exs) == 15
+    for e in exs:
+        assert tasks.score(e, e["answer"])
+        assert tasks.score(e, " " + e["answer"] + "\n")  # surrounding whitespace is not an error
+        assert tasks.score(e, "") is False
+        rejected = sum(not tasks.score(e, c) for c in _corruptions(e["answer"]))
+        assert rejected >= 3, (e, [c for c in _corruptions(e["answer"]) if tasks.score(e, c)])
+
+
+def test_multi_answer_scorers_accept_other_valid_answers_and_reject_mixes():
+    ex = {"task": "letter_word", "answer": "aab",
+          "prompt": "Write a word of length 3 using only the letters a and b, with exactly 1 b."}
+    assert all(tasks.score(ex, w) for w in ["aab", "aba", "baa"])
+    assert not any(tasks.score(ex, w) for w in ["aaa", "abb", "aac", "aaab"])
+    ex = {"task": "any_permutation", "answer": "abcd", "prompt": "Write any ordering of the letters abcd."}
+    assert tasks.score(ex, "dcba") and not tasks.score(ex, "aabd")
+    ex = {"task": "number_pick", "answer": "2, 4, 6",
+          "prompt": "List 3 different even numbers between 0 and 20."}
+    assert tasks.score(ex, "18, 4, 10") and not tasks.score(ex, "4, 4, 10")
+    assert not tasks.score(ex, "4, 10, 20") and not tasks.score(ex, "3, 4, 10")
+    ex = {"task": "simplify", "answer": "The final answer is $7x + 3$", "prompt": "Simplify 3 + 7x."}
+    assert tasks.score(ex, "The final answer is $3 + 7x$")
+    assert not tasks.score(ex, "The final answer is $7x - 3$")
+    ex = {"task": "word_problem", "answer": "#### 12", "prompt": "..."}
+    assert tasks.score(ex, "5 + 7 = 12\n#### 12") and not tasks.score(ex, "#### 13\n#### 12")
+
+
+def test_families_are_disjoint_and_seeded():
+    assert len(tasks.INSTRUCTION_TASKS) >= 12 and len(tasks.BENCHMARK_TASKS) >= 3
+    assert not set(tasks.INSTRUCTION_TASKS) & set(tasks.BENCHMARK_TASKS)
+    inst, bench = tasks.instruction_examples(30, 0), tasks.benchmark_examples(30, 0)
+    assert not {e["prompt"] for e in inst} & {e["prompt"] for e in bench}
+    assert {e["family"] for e in inst} == {"instruction"} and {e["family"] for e in bench} == {"benchmark"}
+    assert tasks.benchmark_examples(30, 0) == bench  # same seed, same examples
+    assert tasks.benchmark_examples(30, 1) != bench
+    ids = [e["id"] for e in inst + bench]
+    assert len(set(ids)) == len(ids) and ids[0] == f"{inst[0]['task']}-0-0"
+    lengths = [len(e["answer"]) for e in bench + inst]
+    assert min(lengths) <= 3 and max(lengths) > 100
+
+
+def test_training_data_never_contains_evaluation_prompts():
+    held = {e["prompt"] for s in (0, 1) for e in tasks.instruction_examples(40, s) + tasks.benchmark_examples(40, s)}
+    train = tasks.training_examples(20000, seed=1000)
+    assert not held & {p for p, _ in train}
+    # both families and every task type are trained on
+    inst = tasks.training_examples(2000, seed=1000)
+    assert any(p.startswith("Simplify") for p, _ in inst) and any(p.startswith("Reverse") for p, _ in inst)
+
+
+def test_training_script_reduces_loss(tmp_path):
+    from learn2pd_core.tiny.train import train
+    torch.set_num_threads(2)
+    model, tok, info = train(str(tmp_path), seed=1000, tiny=True, log_every=10**9)
+    assert info["fixed_eval_loss_after"] < 0.8 * info["fixed_eval_loss_before"]
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    # reproducible: same seed, same weights
+    model2, _, _ = train(None, seed=1000, tiny=True, log_every=10**9, steps=3)
+    model3, _, _ = train(None, seed=1000, tiny=True, log_every=10**9, steps=3)
+    for p, q in zip(model2.parameters(), model3.parameters()):
+        assert torch.equal(p, q)
