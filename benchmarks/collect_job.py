@@ -1,7 +1,7 @@
 """Collect-job benchmark: the Ray job (1 and 2 actors) against a plain loop calling the engine on the same
 prompts, with the same per-batch code and outputs. Ray start-up and model loading are reported apart.
 
-    python benchmarks/collect.py [--prompts 64] [--gen-length 256] [--batch-size 16] [--actors 1,2]
+    python benchmarks/collect_job.py [--prompts 64] [--gen-length 256] [--batch-size 16] [--actors 1,2]
 """
 import argparse
 import os
@@ -10,7 +10,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs"))
+JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs")
+sys.path.insert(0, JOBS)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from collect import CollectActor, write_batch  # noqa: E402
@@ -45,7 +46,9 @@ def main():
 
     import ray
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # Workers import CollectActor from jobs/collect.py, as the job's own driver would ship it.
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.path.abspath(JOBS)}})
     init_s = time.perf_counter() - start
     for n in map(int, args.actors.split(",")):
         start = time.perf_counter()
