@@ -36,7 +36,8 @@ def parse_args(argv=None):
     ap.add_argument("--gen-length", type=int, default=256, help="generation length (default 256)")
     ap.add_argument("--block-size", type=int, default=32, help="block size; the filter's input width (default 32)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per actor batch, decoded together (default 16)")
-    ap.add_argument("--num-actors", type=int, default=1, help="model replicas, one per actor (default 1)")
+    ap.add_argument("--num-actors", type=int, default=None,
+                    help="model replicas, one per actor (default: one per GPU, or one per CPU on a CPU-only cluster)")
     ap.add_argument("--gpus-per-actor", type=float, default=None,
                     help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     ap.add_argument("--raw-prompts", action="store_true",
@@ -112,12 +113,15 @@ def main(argv=None) -> int:
 
     if pending:
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+        resources = ray.cluster_resources()
         gpus = args.gpus_per_actor
         if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+        # A CPU actor gets one CPU (one torch thread), so CPU-only clusters want one actor per CPU.
+        actors = args.num_actors or max(1, int(resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1)))
         ds = ray.data.from_items(pending)
         summary = ds.map_batches(
-            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=args.num_actors),
+            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus, num_cpus=1 if not gpus else None,
             fn_constructor_kwargs=dict(model=args.model, output=args.output, gen_length=args.gen_length,
                                        block_size=args.block_size, chat=not args.raw_prompts)).take_all()
