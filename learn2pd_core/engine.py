@@ -46,7 +46,7 @@ class GenerationResult:
 def generate(model: DiffusionLM, prompts: Sequence[str | Sequence[int]], config: DecodeConfig,
              *, batch_size: int | None = None) -> list[GenerationResult]:
     """Decode every prompt (text goes through the model's prompt template; id lists are used as they are)."""
-    ids = [_prompt_ids(model, p, i) for i, p in enumerate(prompts)]
+    ids = [_prompt_ids(model, p, i, config.gen_length) for i, p in enumerate(prompts)]
     refs = config.references
     if config.policy == "egp" and len(refs) != len(ids):
         raise ConfigError(f"egp got {len(refs)} references for {len(ids)} prompts; pass one per prompt")
@@ -57,12 +57,23 @@ def generate(model: DiffusionLM, prompts: Sequence[str | Sequence[int]], config:
     return out
 
 
-def _prompt_ids(model: DiffusionLM, prompt, index: int) -> list[int]:
-    ids = model.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+def prompt_problem(model: DiffusionLM, ids: Sequence[int], gen_length: int) -> str | None:
+    """Why these prompt ids cannot be decoded (phrased to follow "prompt ..."), or None if they can."""
     if not ids:
-        raise ConfigError(f"prompt {index} is empty; give it at least one token")
+        return "is empty; give it at least one token"
     if model.mask_token_id in ids:
-        raise ConfigError(f"prompt {index} contains the mask token {model.mask_token_id}; remove it from the prompt")
+        return f"contains the mask token {model.mask_token_id}; remove it from the prompt"
+    if model.max_length and len(ids) + gen_length > model.max_length:
+        return (f"of {len(ids)} tokens + gen_length {gen_length} exceeds the model's context of {model.max_length}; "
+                "shorten the prompt or lower gen_length")
+    return None
+
+
+def _prompt_ids(model: DiffusionLM, prompt, index: int, gen_length: int) -> list[int]:
+    ids = model.encode_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    problem = prompt_problem(model, ids, gen_length)
+    if problem:
+        raise ConfigError(f"prompt {index} {problem}")
     return ids
 
 
@@ -90,9 +101,6 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
     B, G, S, nb, spb = len(prompts), cfg.gen_length, cfg.block_size, cfg.num_blocks, cfg.steps_per_block
     P = max(map(len, prompts))
     L = P + G
-    if model.max_length and L > model.max_length:
-        raise ConfigError(f"prompt of {P} tokens + gen_length {G} exceeds the model's context of {model.max_length}; "
-                          "shorten the prompt or lower gen_length")
     # Left padding keeps every row's generation region at [P, L); padding is excluded by the attention mask.
     x = torch.full((B, L), mask_id, dtype=torch.long, device=dev)
     valid = torch.ones((B, L), dtype=torch.bool, device=dev)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import Learn2PDError
+from .engine import prompt_problem
 from .oracle import collect_egp
 
 TRACES = pa.schema([("prompt_id", pa.string()), ("task", pa.string()), ("block", pa.int32()), ("step", pa.int32()),
@@ -33,11 +34,9 @@ def encode_checked(model, prompt, gen_length: int, chat: bool) -> list[int]:
         ids = model.encode_prompt(prompt, chat=chat)
     except Exception as e:   # tokenizers raise assorted types on undecodable input
         raise Learn2PDError(f"prompt cannot be tokenised: {e}") from None
-    if model.mask_token_id in ids:
-        raise Learn2PDError("prompt contains the mask token")
-    if model.max_length and len(ids) + gen_length > model.max_length:
-        raise Learn2PDError(f"prompt of {len(ids)} tokens + gen_length {gen_length} exceeds the model's context "
-                            f"of {model.max_length}")
+    problem = prompt_problem(model, ids, gen_length)
+    if problem:
+        raise Learn2PDError(f"prompt {problem}")
     return ids
 
 
