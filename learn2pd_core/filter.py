@@ -1,18 +1,20 @@
 """The Learn2PD filter f_θ: block confidences -> per-position logits of "this prediction is already final".
 
 Saved as `filter.safetensors` plus a `filter.json` sidecar holding the shape, the default τ and the
-provenance (which model and decode settings produced the training traces).
+provenance (which model and decode settings produced the training traces), locally or on S3.
+Also here: the prompt-level validation split and the commit metrics that the training job reports.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+import zlib
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
+from . import storage
 from .errors import ConfigError
 
 WEIGHTS_NAME, SIDECAR_NAME = "filter.safetensors", "filter.json"
@@ -43,36 +45,32 @@ class FilterMLP(nn.Module):
                 "provenance": self.provenance}
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    p = Path(path)
-    weights = p / WEIGHTS_NAME if p.suffix != ".safetensors" else p
-    return weights, weights.with_suffix(".json")
+def _uris(path: str | os.PathLike) -> tuple[str, str]:
+    """(weights, sidecar) URIs for a directory (local or s3://) or a path ending in .safetensors."""
+    p = str(path)
+    weights = p if p.endswith(".safetensors") else storage.join(p, WEIGHTS_NAME)
+    return weights, weights[: -len(".safetensors")] + ".json"
 
 
-def save_filter(filt: FilterMLP, path: str | os.PathLike) -> Path:
-    """Write weights and sidecar into directory `path` (or next to `path` if it ends in .safetensors)."""
-    weights, sidecar = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names and rename, so a reader never sees half a filter.
-    tmp_w, tmp_s = weights.with_name(weights.name + ".tmp"), sidecar.with_name(sidecar.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in filt.state_dict().items()}, str(tmp_w))
-    tmp_s.write_text(json.dumps(filt.metadata(), indent=2, sort_keys=True))
-    os.replace(tmp_w, weights)
-    os.replace(tmp_s, sidecar)
+def save_filter(filt: FilterMLP, path: str | os.PathLike) -> str:
+    """Write weights and sidecar into directory `path` (local or s3://), each atomically."""
+    weights, sidecar = _uris(path)
+    storage.write_bytes(weights, save({k: v.detach().cpu().contiguous() for k, v in filt.state_dict().items()}))
+    storage.write_json(sidecar, filt.metadata())
     return weights
 
 
 def load_filter(path: str | os.PathLike) -> FilterMLP:
-    weights, sidecar = _paths(path)
-    if not weights.is_file() or not sidecar.is_file():
-        raise ConfigError(f"no filter at {path}: expected {weights.name} and {sidecar.name}; "
+    weights, sidecar = _uris(path)
+    if not storage.exists(weights) or not storage.exists(sidecar):
+        raise ConfigError(f"no filter at {path}: expected {WEIGHTS_NAME} and {SIDECAR_NAME}; "
                           "train one with jobs/train_filter.py or pass the directory that holds them")
-    meta = json.loads(sidecar.read_text())
+    meta = storage.read_json(sidecar)
     filt = FilterMLP(meta["block_size"], meta["hidden"], meta["layers"], meta.get("threshold", 0.96), meta.get("provenance"))
     try:
-        filt.load_state_dict(load_file(str(weights)))
+        filt.load_state_dict(load(storage.read_bytes(weights)))
     except RuntimeError as e:
-        raise ConfigError(f"filter weights in {weights} do not match its sidecar {sidecar.name}: {e}") from None
+        raise ConfigError(f"filter weights in {weights} do not match its sidecar {SIDECAR_NAME}: {e}") from None
     return filt.eval()
 
 
@@ -95,3 +93,32 @@ def fit_filter(confidence, correct, *, epochs: int = 2000, lr: float = 1e-3, hid
         filter_loss(filt, confidence, correct).backward()
         opt.step()
     return filt.eval()
+
+
+def validation_prompts(prompt_ids, fraction: float, seed: int = 0) -> set:
+    """A seeded, order-independent choice of round(fraction * n) prompts (at least one) for validation.
+    Splitting by prompt keeps every step of one decode on the same side (steps of a decode are correlated)."""
+    ids = sorted(set(prompt_ids), key=lambda p: (zlib.crc32(f"{seed}:{p}".encode()), p))
+    if not 0 < fraction < 1:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {fraction}")
+    if len(ids) < 2:
+        raise ConfigError(f"traces hold {len(ids)} prompt(s); a validation split needs at least 2 -- collect more prompts")
+    n_val = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    return set(ids[:n_val])
+
+
+def commit_counts(logits: torch.Tensor, correct: torch.Tensor, masked: torch.Tensor, taus) -> np.ndarray:
+    """Per τ: [committed, committed and correct, correct] over masked positions (sigmoid(logit) > τ, as decoding).
+    Counts, not ratios, so that shards can be summed before dividing."""
+    prob, correct, masked = torch.sigmoid(logits), correct.bool(), masked.bool()
+    out = []
+    for tau in taus:
+        commit = (prob > tau) & masked
+        out.append([commit.sum().item(), (commit & correct).sum().item(), (correct & masked).sum().item()])
+    return np.asarray(out, dtype=np.float64)
+
+
+def commit_metrics(counts: np.ndarray, taus) -> dict:
+    """precision = P(oracle agrees | filter commits); recall = P(filter commits | oracle would commit)."""
+    return {f"{tau:g}": {"precision": c[1] / c[0] if c[0] else None, "recall": c[1] / c[2] if c[2] else None,
+                         "committed": int(c[0])} for tau, c in zip(taus, counts)}

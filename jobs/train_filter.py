@@ -1,0 +1,309 @@
+"""Stage 2 of Learn2PD: fit the filter on collected EGP traces with Ray Train.
+
+Ray Data reads the trace Parquet, drops rows with non-finite confidences (and says how many), splits by
+prompt into train and validation, and hands each TorchTrainer worker its shard. Workers hold their shard
+in memory and run full-batch (or --batch-size) AdamW on BCE-with-logits; DDP averages the gradients, so
+N workers fit the same filter as one. Every --eval-every epochs the global train/validation losses are
+recorded; every --report-every epochs they go to ray.train.report with a checkpoint that carries the best
+filter so far, so an interrupted run resumes from the latest one. --output receives filter.safetensors + filter.json (shape, default tau, the traces' manifest),
+metrics.json (history, best epoch, commit precision/recall at several tau) and loss_curve.png.
+
+    python jobs/train_filter.py                          # traces of the default collect run -> runs/filter
+    ray job submit --working-dir . -- python jobs/train_filter.py --traces s3://b/run1 --output s3://b/filter1
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
+
+from learn2pd_core import FilterMLP, Learn2PDError, save_filter, storage  # noqa: E402
+from learn2pd_core.filter import commit_counts, commit_metrics, validation_prompts  # noqa: E402
+from learn2pd_core.report import loss_curve_png  # noqa: E402
+
+TAUS = (0.9, 0.96, 0.99)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--traces", default="runs/collect",
+                    help="collect output (local or s3://) holding traces/ and manifest.json, or the traces/ "
+                         "directory itself (default: runs/collect, the default collect run)")
+    ap.add_argument("--output", default="runs/filter", help="local directory or s3://bucket/prefix (default runs/filter)")
+    ap.add_argument("--epochs", type=int, default=5000, help="passes over the training split (paper: 5000)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    ap.add_argument("--hidden", type=int, default=None, help="hidden width (default: block size)")
+    ap.add_argument("--layers", type=int, default=2, help="linear layers (default 2)")
+    ap.add_argument("--batch-size", type=int, default=0, help="rows per step per worker; 0 = full batch (default)")
+    ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel, default 1)")
+    ap.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ap.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (= torch threads) per worker (default 1)")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out for validation")
+    ap.add_argument("--threshold", type=float, default=0.96, help="default tau stored with the filter (paper: 0.96)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="epochs between loss evaluations, the points of the loss curve (default: epochs/100)")
+    ap.add_argument("--report-every", type=int, default=None,
+                    help="epochs between ray.train.report calls, each with a checkpoint (default: epochs/10)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batch order")
+    ap.add_argument("--overwrite", action="store_true", help="refit even if --output already holds this fit")
+    return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------- reading traces (Ray Data)
+def trace_source(uri: str) -> tuple[str, dict]:
+    """(traces directory, collect manifest or {}) for a collect output or a traces directory."""
+    for traces, manifest in ((storage.join(uri, "traces"), storage.join(uri, "manifest.json")),
+                             (uri, storage.join(uri.rstrip("/").rsplit("/", 1)[0], "manifest.json"))):
+        if storage.list_parts(traces):
+            return traces, (storage.read_json(manifest) if storage.exists(manifest) else {})
+    raise Learn2PDError(f"no trace parts under {uri} (looked in {uri}/traces and {uri}): "
+                        "run jobs/collect.py first or pass --traces to a collect output")
+
+
+def row_stats(batch):
+    """Per row: its block size and whether its confidences are all finite."""
+    import numpy as np
+    import pyarrow.compute as pc
+    conf = batch["confidence"]
+    finite = np.ones(len(batch), dtype=bool)
+    flat = pc.list_flatten(conf).to_numpy(zero_copy_only=False)
+    if len(flat):
+        bad_at = np.repeat(np.arange(len(batch)), pc.list_value_length(conf).to_numpy(zero_copy_only=False))[~np.isfinite(flat)]
+        finite[bad_at] = False
+    return {"prompt_id": batch["prompt_id"].to_numpy(zero_copy_only=False),
+            "block_size": pc.list_value_length(conf).to_numpy(zero_copy_only=False), "finite": finite}
+
+
+def split_rows(val_ids: set, want_val: bool):
+    """map_batches fn: finite rows of one split as dense arrays x (confidence), y (correct), m (masked)."""
+    def fn(batch):
+        import numpy as np
+        if len(batch) == 0:
+            return {"x": np.zeros((0, 1), np.float32), "y": np.zeros((0, 1), np.float32), "m": np.zeros((0, 1), bool)}
+        stats = row_stats(batch)
+        keep = stats["finite"] & (np.isin(stats["prompt_id"], list(val_ids)) == want_val)
+        width = int(stats["block_size"][0])
+
+        def dense(col, dtype):
+            return np.asarray(batch[col].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                              dtype=dtype).reshape(-1, width)[keep]
+        return {"x": dense("confidence", np.float32), "y": dense("correct", np.float32), "m": dense("masked", bool)}
+    return fn
+
+
+# ---------------------------------------------------------------- the training loop (one per Ray Train worker)
+def train_loop(cfg: dict):
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    torch.set_num_threads(cfg["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
+
+    def load_shard(name):  # the shard fits in memory many times over: read it once, then run epochs on tensors
+        parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=65536, batch_format="numpy"))
+        cat = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, cfg["block_size"]))
+               for k in ("x", "y", "m")}
+        return [torch.as_tensor(cat[k], dtype=torch.bool if k == "m" else torch.float32, device=device)
+                for k in ("x", "y", "m")]
+    x, y, _ = load_shard("train")
+    vx, vy, vm = load_shard("val")
+
+    def total(*values):  # sums across workers
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    n_train, n_val = total(float(x.numel()))[0], float(vx.numel())   # train is sharded, validation is not
+    torch.manual_seed(cfg["seed"])
+    filt = FilterMLP(cfg["block_size"], cfg["hidden"], cfg["layers"]).to(device)
+    opt = torch.optim.AdamW(filt.parameters(), lr=cfg["lr"])
+    start, history, best = 0, [], {"val_loss": float("inf"), "epoch": 0, "state": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:   # resume an interrupted run where its latest checkpoint left off
+        with ckpt.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+        filt.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        start, history, best = saved["epoch"], saved["history"], saved["best"]
+    model = ray.train.torch.prepare_model(filt) if world > 1 else filt   # DDP averages gradients across workers
+    bce = nn.functional.binary_cross_entropy_with_logits
+    full_batch = not cfg["batch_size"] or cfg["batch_size"] >= len(x)
+    bs = len(x) if full_batch else cfg["batch_size"]
+    steps = torch.tensor([-(-len(x) // max(bs, 1))], device=device)
+    if world > 1:   # every worker takes the same number of steps per epoch (DDP collectives must match)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    steps = max(int(steps.item()), 1)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+
+    def step_loss(idx):
+        out, target = model(x[idx]), y[idx]
+        # Sum over this worker's rows, normalised by the global element count (times world, because DDP
+        # averages gradients): every step then follows the gradient of one global mean, however sharded.
+        denom = n_train if full_batch else world * bs * cfg["block_size"]
+        return bce(out, target, reduction="sum") * world / max(denom, 1.0)
+
+    t0 = time.perf_counter()
+    for epoch in range(start + 1, cfg["epochs"] + 1):
+        order = None if full_batch else torch.randperm(len(x), generator=gen).to(device)
+        for s in range(steps):
+            idx = slice(None) if full_batch else order[(s * bs) % max(len(x), 1):][:bs]
+            loss = step_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        last = epoch == cfg["epochs"]
+        if epoch % cfg["eval_every"] and not last:
+            continue
+        with torch.no_grad():
+            train_sum = total(bce(filt(x), y, reduction="sum").item())[0]
+            val_sum = bce(filt(vx), vy, reduction="sum").item()
+        row = {"epoch": epoch, "train_loss": train_sum / max(n_train, 1), "val_loss": val_sum / max(n_val, 1)}
+        history.append(row)
+        if row["val_loss"] < best["val_loss"]:
+            best = {"val_loss": row["val_loss"], "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in filt.state_dict().items()}}
+        if epoch % cfg["report_every"] and not last:
+            continue   # a Ray report (and checkpoint) costs far more than an epoch: report every few evaluations
+        metrics = dict(row, best_val_loss=best["val_loss"], best_epoch=best["epoch"])
+        if last:   # the best filter's commit quality on the validation split, and the base-rate baseline
+            filt.load_state_dict(best["state"])
+            with torch.no_grad():
+                counts = commit_counts(filt(vx), vy, vm, TAUS)
+            metrics["commit"] = commit_metrics(counts, TAUS)
+            p = min(max(total(y.sum().item())[0] / max(n_train, 1), 1e-7), 1 - 1e-7)   # base rate of the train split
+            q = vy.sum().item() / max(n_val, 1)
+            metrics["base_rate_val_loss"] = -(q * np.log(p) + (1 - q) * np.log(1 - p))
+            metrics["loop_seconds"] = time.perf_counter() - t0   # epochs only: no Ray start-up, no data loading
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": filt.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "history": history, "best": best}, os.path.join(tmp, "state.pt"))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------- driver
+def fingerprint(args, manifest: dict, block_size: int) -> str:
+    keys = ("traces", "epochs", "lr", "hidden", "layers", "batch_size", "num_workers", "val_fraction", "seed", "threshold")
+    blob = json.dumps({"args": {k: getattr(args, k) for k in keys}, "block_size": block_size,
+                       "traces_finished": manifest.get("finished"), "counts": manifest.get("counts")}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for name in ("epochs", "layers", "num_workers", "cpus_per_worker"):
+        if getattr(args, name) < 1:
+            raise Learn2PDError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or args.batch_size < 0 or (args.hidden is not None and args.hidden < 1):
+        raise Learn2PDError("--lr must be > 0, --batch-size >= 0 (0 = full batch), --hidden >= 1")
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    traces_uri, manifest = trace_source(args.traces)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    fs, path = storage.resolve(traces_uri)
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["prompt_id", "confidence", "correct", "masked"])
+
+    stats = ds.map_batches(row_stats, batch_format="pyarrow").materialize()
+    rows = stats.count()
+    if rows == 0:
+        raise Learn2PDError(f"the trace set at {traces_uri} is empty: collect some prompts first")
+    sizes = sorted(stats.unique("block_size"))
+    if len(sizes) != 1:
+        raise Learn2PDError(f"traces at {traces_uri} mix block sizes {sizes}: fit one filter per block size "
+                            "(collect each size into its own --output)")
+    block_size = int(sizes[0])
+    non_finite = rows - int(stats.sum("finite"))
+    if non_finite:
+        print(f"dropping {non_finite} of {rows} trace rows with NaN/inf confidences", flush=True)
+    if non_finite == rows:
+        raise Learn2PDError(f"every trace row at {traces_uri} has NaN/inf confidences: nothing to fit")
+    val_ids = validation_prompts(stats.unique("prompt_id"), args.val_fraction, args.seed)
+
+    fp = fingerprint(args, manifest, block_size)
+    metrics_uri = storage.join(args.output, "metrics.json")
+    if not args.overwrite and storage.exists(metrics_uri) and storage.read_json(metrics_uri).get("fingerprint") == fp:
+        print(f"{args.output} already holds this fit (fingerprint {fp}); --overwrite to refit")
+        return 0
+
+    out_fs, out_path = storage.resolve(args.output)
+    run_dir = storage.join(out_path, "_ray_train")   # hidden from readers; same name on rerun = resume
+    if args.overwrite:
+        storage.remove(storage.join(args.output, "_ray_train"))
+    eval_every = args.eval_every or max(1, args.epochs // 100)
+    report_every = args.report_every or max(eval_every, args.epochs // 10 // eval_every * eval_every)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dict(block_size=block_size, hidden=args.hidden, layers=args.layers, lr=args.lr,
+                               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, use_gpu=args.use_gpu,
+                               eval_every=eval_every, report_every=report_every, threads=args.cpus_per_worker),
+        scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                               resources_per_worker={"CPU": args.cpus_per_worker}),
+        # Materialised before training: the workers may hold every CPU, leaving none for Ray Data tasks.
+        datasets={"train": ds.map_batches(split_rows(val_ids, False), batch_format="pyarrow").materialize(),
+                  "val": ds.map_batches(split_rows(val_ids, True), batch_format="pyarrow").materialize()},
+        # Train rows are sharded (Ray's equal split drops at most num_workers - 1 rows); every worker sees the
+        # whole validation split, so validation figures do not depend on the number of workers.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(name=f"fit-{fp}", storage_path=run_dir,
+                                       storage_filesystem=out_fs if args.output.startswith("s3://") else None,
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    t0 = time.time()
+    result = trainer.fit()
+    fit_seconds = time.time() - t0
+    with result.checkpoint.as_directory() as d:
+        import torch
+        saved = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    best = saved["best"]
+
+    filt = FilterMLP(block_size, args.hidden, args.layers, threshold=args.threshold, provenance={
+        "traces": args.traces, "model": manifest.get("model"), "decode": manifest.get("decode"),
+        "trace_manifest": manifest, "training": {"epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+                                                 "best_epoch": best["epoch"], "val_fraction": args.val_fraction}})
+    filt.load_state_dict(best["state"])
+    history = saved["history"]
+    save_filter(filt, args.output)
+    metrics = {
+        "fingerprint": fp, "block_size": block_size, "parameters": filt.metadata()["parameters"],
+        "rows": rows, "dropped_non_finite": non_finite, "val_prompts": len(val_ids),
+        "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+        "final_train_loss": history[-1]["train_loss"], "final_val_loss": history[-1]["val_loss"],
+        "commit": result.metrics.get("commit"), "history": history, "fit_seconds": round(fit_seconds, 2),
+        "loop_seconds": round(result.metrics.get("loop_seconds", float("nan")), 2),
+        "num_workers": args.num_workers, "started": started.isoformat(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "base_rate_val_loss": result.metrics.get("base_rate_val_loss")}
+    storage.write_bytes(storage.join(args.output, "loss_curve.png"), loss_curve_png(history))
+    storage.write_json(metrics_uri, metrics)   # last: its presence marks the fit as finished
+    storage.remove(storage.join(args.output, "_ray_train"))
+    c = metrics["commit"] or {}
+    print("commit on validation (masked positions): " + "; ".join(
+        f"tau {t}: precision {v['precision'] if v['precision'] is None else round(v['precision'], 4)}, "
+        f"recall {v['recall'] if v['recall'] is None else round(v['recall'], 4)}" for t, v in c.items()))
+    print(f"filter -> {args.output}: {rows - non_finite} rows, {metrics['parameters']} parameters, best epoch "
+          f"{best['epoch']}, train {metrics['final_train_loss']:.4f}, val {best['val_loss']:.4f} (base rate "
+          f"{metrics['base_rate_val_loss']:.4f}), fit {fit_seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Learn2PDError as e:
+        sys.exit(f"error: {e}")
