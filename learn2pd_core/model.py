@@ -140,5 +140,7 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device | None = N
                              "add them or register the model in learn2pd_core.model.MODEL_SPECS")
     pad_id = spec.pad_token_id if spec else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0])
     max_len = raw.get("max_sequence_length") or raw.get("max_position_embeddings")
+    if max_len and raw.get("model_type", "").startswith(("roberta", "xlm-roberta")):
+        max_len -= (raw.get("pad_token_id") or 0) + 1   # RoBERTa positions start after the padding index
     return DiffusionLM(model, tokenizer, mask_id, eos_ids, pad_id, name=name_or_path, max_length=max_len)
 

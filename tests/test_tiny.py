@@ -21,8 +21,8 @@ def test_checkpoint_loads_offline_with_auto_classes(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(CKPT)
     model = AutoModelForMaskedLM.from_pretrained(CKPT).eval()
-    assert model.config.model_type == "modernbert"
-    assert set(model.config.layer_types) == {"full_attention"}
+    assert model.config.model_type == "xlm-roberta-xl"
+    assert not model.config.is_decoder   # bidirectional
     assert tok.mask_token_id != tok.pad_token_id and tok.eos_token_id not in (tok.mask_token_id,)
     assert sum(f.stat().st_size for f in CKPT.iterdir()) < 20e6
     ids = tok.apply_chat_template([{"role": "user", "content": "Count from 3 to 6."}],
@@ -36,7 +36,7 @@ def test_checkpoint_loads_offline_with_auto_classes(monkeypatch):
 
 
 def test_left_padding_is_exact():
-    """RoPE + attention mask: a left-padded row gives the same logits as the unpadded one."""
+    """Positions count from the first non-pad token: a left-padded row gives the unpadded row's logits."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(CKPT)
     model = AutoModelForMaskedLM.from_pretrained(CKPT).eval()
@@ -95,17 +95,15 @@ def test_scorer_accepts_reference_and_rejects_corruptions(task):
 
 
 def test_multi_answer_scorers_accept_other_valid_answers_and_reject_mixes():
-    ex = {"task": "letter_word", "answer": "aab",
-          "prompt": "Write a word of length 3 using only the letters a and b, with exactly 1 b."}
+    ex = {"task": "letter_word", "answer": "aab", "prompt": "Word of 3 letters a/b with 1 b."}
     assert all(tasks.score(ex, w) for w in ["aab", "aba", "baa"])
     assert not any(tasks.score(ex, w) for w in ["aaa", "abb", "aac", "aaab"])
     ex = {"task": "any_permutation", "answer": "abcd", "prompt": "Write any ordering of the letters abcd."}
     assert tasks.score(ex, "dcba") and not tasks.score(ex, "aabd")
-    ex = {"task": "number_pick", "answer": "2, 4, 6",
-          "prompt": "List 3 different even numbers between 0 and 20."}
-    assert tasks.score(ex, "18, 4, 10") and not tasks.score(ex, "4, 4, 10")
-    assert not tasks.score(ex, "4, 10, 20") and not tasks.score(ex, "3, 4, 10")
-    ex = {"task": "simplify", "answer": "The final answer is $7x + 3$", "prompt": "Simplify 3 + 7x."}
+    ex = {"task": "number_pick", "answer": "2 4 6", "prompt": "Pick 3 even numbers below 20."}
+    assert tasks.score(ex, "18 4 10") and not tasks.score(ex, "4 4 10")
+    assert not tasks.score(ex, "4 10 20") and not tasks.score(ex, "3 4 10")
+    ex = {"task": "simplify", "answer": "The final answer is $7x+3$", "prompt": "Simplify 3x+4x+3."}
     assert tasks.score(ex, "The final answer is $3 + 7x$")
     assert not tasks.score(ex, "The final answer is $7x - 3$")
     ex = {"task": "word_problem", "answer": "#### 12", "prompt": "..."}

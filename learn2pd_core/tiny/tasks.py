@@ -109,82 +109,69 @@ def digit_string(rng):  # multi-answer; majority digit dominates every position'
 
 
 # ---------------------------------------------------------------- benchmark family
-def word_problem(rng):  # GSM8K stand-in: worked steps, final '#### n' (single-digit facts)
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+# Terse, fixed-width prompts (single-digit fields, same-length keywords): a given answer character then
+# sits at a fixed distance from the prompt character it depends on, which a ~1M-parameter model learns
+# in minutes; free-form wording made it learn the formats but never the content (see MODEL_CARD.md).
+def word_problem(rng):  # GSM8K stand-in: worked single-digit steps, final '#### n'
     x = rng.randint(1, 8)
-    sents, steps = [f"{name} has {x} {item}."], []
-    for i in range(rng.randint(1, 3)):
-        then = "Then " if i else ""
+    parts, steps = [f"Start {x}"], []
+    for _ in range(rng.randint(1, 3)):
         if (rng.random() < 0.5 or x < 2) and x < 9:
             d = rng.randint(1, 9 - x)
-            sents.append(f"{then}{name} gets {d} more.")
-            steps.append(f"{x} + {d} = {x + d}")
+            parts.append(f"add {d}")
+            steps.append(f"{x}+{d}={x + d}")
             x += d
         else:
             d = rng.randint(1, x - 1)
-            sents.append(f"{then}{name} gives away {d}.")
-            steps.append(f"{x} - {d} = {x - d}")
+            parts.append(f"sub {d}")
+            steps.append(f"{x}-{d}={x - d}")
             x -= d
-    sents.append(f"How many {item} now?")
-    return " ".join(sents), "\n".join(steps + [f"#### {x}"])
+    return ", ".join(parts) + ".", "\n".join(steps + [f"#### {x}"])
 
 
-def _linear(terms):
-    return " + ".join(terms).replace("+ -", "- ")
-
-
-def simplify(rng):  # MATH stand-in: collect like terms, answer '$ax + b$'
+def simplify(rng):  # MATH stand-in: collect like terms, answer 'The final answer is $ax+b$'
     while True:
-        xs = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
-        cs = [rng.randint(1, 5) * rng.choice([1, 1, -1]) for _ in range(rng.randint(1, 2))]
-        if sum(xs) <= 9 and 0 <= sum(cs) <= 9 and cs[0] > 0:
+        xs = [rng.randint(1, 5) for _ in range(rng.randint(2, 3))]
+        if sum(xs) <= 9:
             break
-    terms = [f"{c}x" for c in xs] + [str(c) for c in cs]
-    rng.shuffle(terms)
-    terms.sort(key=lambda t: t.startswith("-"))  # never start with a minus sign
-    a, b = sum(xs), sum(cs)
-    lines = [f"{_linear([f'{c}x' for c in xs])} = {a}x", f"{_linear([str(c) for c in cs])} = {b}"]
-    final = f"{a}x" if b == 0 else _linear([f"{a}x", str(b)])
-    return f"Simplify {_linear(terms)}.", "\n".join(lines + [f"The final answer is ${final}$"])
+    c = rng.randint(1, 9)
+    a = sum(xs)
+    lhs = "+".join(f"{k}x" for k in xs)
+    return f"Simplify {lhs}+{c}.", f"{lhs}={a}x\nThe final answer is ${a}x+{c}$"
 
 
-STR_OPS = {"reverse": lambda s: s[::-1], "uppercase": str.upper, "double": lambda s: s + s,
-           "drop the first letter": lambda s: s[1:], "append z": lambda s: s + "z"}
+STR_OPS = {"rev": lambda s: s[::-1], "upp": str.upper, "dup": lambda s: s + s}
 
 
 def string_program(rng):  # code stand-in: run a described program, show each state
-    s = _word(rng, 2, 4)
+    s = _word(rng, 3, 4)
     ops = rng.sample(list(STR_OPS), rng.randint(1, 2))
     lines, cur = [], s
     for op in ops:
         cur = STR_OPS[op](cur)
         lines.append(cur)
-    return f"Start with '{s}', then {', then '.join(ops)}.", "\n".join(lines + [f"#### {cur}"])
+    return f"Run {' '.join(ops)} on {s}.", "\n".join(lines + [f"#### {cur}"])
 
 
-def letter_word(rng):  # multi-answer; parallel commits of the majority letter break the count
+def letter_word(rng):  # multi-answer; committing the majority letter everywhere at once breaks the count
     a, b = rng.sample(LETTERS, 2)
     n = rng.randint(3, 6)
     k = rng.randint(1, (n - 1) // 2) if n < 6 else 2
     pos = set(rng.sample(range(n), k))
     ans = "".join(b if i in pos else a for i in range(n))
-    return f"Write a word of length {n} using only the letters {a} and {b}, with exactly {k} {b}.", ans
+    return f"Word of {n} letters {a}/{b} with {k} {b}.", ans
 
 
 def number_pick(rng):  # multi-answer
-    par = rng.choice(["even", "odd"])
-    lo = rng.randint(0, 30)
-    hi = lo + rng.randint(10, 40)
-    pool = [x for x in range(lo + 1, hi) if x % 2 == (par == "odd")]
-    k = rng.randint(2, 4)
-    return f"List {k} different {par} numbers between {lo} and {hi}.", _nums(sorted(rng.sample(pool, k)))
+    par, hi, k = rng.choice(["even", "odd "]), rng.randint(10, 99), rng.randint(2, 4)
+    pool = [x for x in range(1, hi) if x % 2 == (par == "odd ")]
+    return f"Pick {k} {par} numbers below {hi}.", " ".join(str(x) for x in sorted(rng.sample(pool, k)))
 
 
-def step_sequence(rng):  # long deterministic answers (up to ~150 chars)
-    s = rng.choice([1, 2, 5, 10])
-    a = rng.randint(0, 10) * s
-    b = a + s * rng.randint(3, 30)
-    return f"List the numbers from {a} to {b} counting by {s}.", _nums(range(a, b + 1, s))
+def step_sequence(rng):  # long deterministic answers (up to ~100 chars)
+    a = rng.randint(10, 60)
+    b = a + rng.randint(3, 30)
+    return f"Count {a} to {b}.", " ".join(str(i) for i in range(a, b + 1))
 
 
 # ---------------------------------------------------------------- scorers
@@ -220,8 +207,7 @@ def _simplify_ok(ex, out):  # equivalence, not string match
 
 
 def _letter_word_ok(ex, out):
-    n, a, b, k = re.search(r"length (\d+) using only the letters (\w) and (\w), with exactly (\d+)",
-                           ex["prompt"]).groups()
+    n, a, b, k = re.search(r"Word of (\d+) letters (\w)/(\w) with (\d+)", ex["prompt"]).groups()
     w = out.strip()
     return len(w) == int(n) and set(w) <= {a, b} and w.count(b) == int(k)
 
@@ -245,13 +231,12 @@ def _two_letters_ok(ex, out):
 
 
 def _number_pick_ok(ex, out):
-    k, par, lo, hi = re.search(r"List (\d+) different (\w+) numbers between (\d+) and (\d+)",
-                               ex["prompt"]).groups()
+    k, par, hi = re.search(r"Pick (\d+) (even|odd) +numbers below (\d+)", ex["prompt"]).groups()
     try:
-        xs = [int(t) for t in out.strip().split(", ")]
+        xs = [int(t) for t in out.strip().split(" ")]
     except ValueError:
         return False
-    return (len(xs) == int(k) == len(set(xs)) and all(int(lo) < x < int(hi) for x in xs)
+    return (len(xs) == int(k) == len(set(xs)) and all(0 < x < int(hi) for x in xs)
             and all(x % 2 == (par == "odd") for x in xs))
 
 
