@@ -10,10 +10,12 @@ setup:
 
 run: setup
 	$(PYTHON) jobs/collect.py --output runs/collect
-	$(PYTHON) -m learn2pd_core.demo --traces runs/collect
+	$(PYTHON) jobs/train_filter.py --traces runs/collect --output runs/filter
+	$(PYTHON) -m learn2pd_core.demo --filter runs/filter
 
 test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
 	$(PYTHON) benchmarks/engine.py
+	$(PYTHON) benchmarks/train_filter.py --traces runs/collect
