@@ -18,4 +18,4 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/engine.py
-	$(PYTHON) benchmarks/train_filter.py --traces runs/collect
+	$(PYTHON) benchmarks/filter_fit.py --traces runs/collect

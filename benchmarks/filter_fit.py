@@ -2,7 +2,10 @@
 and on that set tiled to >= 100,000 rows (the issue's size target; tiling keeps the real confidence
 patterns, only the row count changes). Prints one table; medians of --repeats runs.
 
-    python benchmarks/train_filter.py --traces runs/collect --repeats 3
+    python benchmarks/filter_fit.py --traces runs/collect --repeats 3
+
+(Named filter_fit, not train_filter: Ray workers import the job module by name, and a benchmark of the
+same name on the driver's path would shadow it.)
 """
 import argparse
 import os
@@ -40,6 +43,9 @@ def main():
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs shared by the workers (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    import ray
+    # Workers unpickle the job's functions by module name: put jobs/ on their path.
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.path.join(ROOT, "jobs") + os.pathsep + ROOT}})
     tmp = tempfile.mkdtemp(prefix="l2pd-bench-")
     src, _ = train_filter.trace_source(args.traces)
     base_rows = storage.read_dataset(src, columns=["prompt_id"]).num_rows
