@@ -11,14 +11,13 @@ that already have a reference or an error row, so an interrupted run resumes; --
 """
 import argparse
 import datetime
-import hashlib
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
 from learn2pd_core import Learn2PDError, load_model, storage  # noqa: E402
+from learn2pd_core.placement import plan_actors  # noqa: E402
 from learn2pd_core.prompts import TINY_SOURCE, load_prompts  # noqa: E402
 from learn2pd_core.traces import collect_batch  # noqa: E402
 
@@ -48,15 +47,10 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def part_name(prompt_ids) -> str:
-    """Named by content, so a retried batch overwrites its own part instead of adding a second one."""
-    return "part-" + hashlib.sha1("\n".join(sorted(prompt_ids)).encode()).hexdigest()[:16] + ".parquet"
-
-
 def write_batch(model, rows: list[dict], output: str, **settings) -> dict:
     """Collect one batch and write its parts; returns the batch's counts."""
     traces, refs, errors = collect_batch(model, rows, **settings)
-    name = part_name([r["prompt_id"] for r in rows])
+    name = storage.part_name([r["prompt_id"] for r in rows])
     # Traces first: a prompt counts as done once its reference row exists, so its traces are complete.
     storage.write_table(storage.join(output, "traces", name), traces)
     if errors.num_rows:
@@ -113,12 +107,7 @@ def main(argv=None) -> int:
 
     if pending:
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-        resources = ray.cluster_resources()
-        gpus = args.gpus_per_actor
-        if gpus is None:
-            gpus = 1 if resources.get("GPU", 0) >= 1 else 0
-        # A CPU actor gets one CPU (one torch thread), so CPU-only clusters want one actor per CPU.
-        actors = args.num_actors or max(1, int(resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1)))
+        gpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
         ds = ray.data.from_items(pending)
         summary = ds.map_batches(
             CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),

@@ -84,13 +84,21 @@ class DecodeConfig:
 
     @classmethod
     def from_method(cls, method: str, **settings) -> "DecodeConfig":
-        """Config for a method name as used on command lines: a policy, optionally '+eotp' or '+eotp-predict'
-        (e.g. 'learn2pd+eotp'); `settings` supply the rest (gen_length, filter, references, ...)."""
-        policy, _, suffix = method.partition("+")
+        """Config for a method name as used on command lines: a policy, optionally '+eotp' or '+eotp-predict',
+        optionally '@τ' (e.g. 'learn2pd+eotp', 'threshold@0.7'); `settings` supply the rest (gen_length,
+        filter, references, ...)."""
+        name, _, tau = method.partition("@")
+        policy, _, suffix = name.partition("+")
         modes = {"": None, "eotp": "commit", "eotp-predict": "predict"}
         if suffix not in modes:
             raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
-                              "by +eotp or +eotp-predict")
+                              "by +eotp or +eotp-predict and @<threshold>")
+        if tau:
+            try:
+                settings = {**settings, "threshold": float(tau)}
+            except ValueError:
+                raise ConfigError(f"method {method!r}: {tau!r} after '@' is not a threshold; write e.g. "
+                                  f"{name}@0.9") from None
         return cls(policy=policy, eotp=modes[suffix], **settings)
 
     @property

@@ -8,6 +8,7 @@ AWS_REGION, credentials): pyarrow does not read the endpoint variables itself (a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -104,3 +105,8 @@ def remove(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def part_name(keys) -> str:
+    """A part named by the keys of its rows, so a retried batch overwrites its own part instead of adding a second."""
+    return "part-" + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16] + ".parquet"

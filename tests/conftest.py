@@ -101,3 +101,29 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def ray_head():
+    """A real local Ray cluster started with `ray start --head` on loopback; yields (dashboard address, env)
+    for `ray job submit`, and stops the cluster afterwards."""
+    import os
+    import secrets
+    import socket
+    import subprocess
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, dash = free_port(), free_port()
+    # Ray >= 2.59 authenticates local clusters by token: the head and the submitting client share one.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+                   check=True, capture_output=True, timeout=180, env=env)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)

@@ -1,13 +1,10 @@
 """jobs/collect.py end to end on the tiny model: real local Ray, real S3-API server on loopback."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from learn2pd_core import storage
@@ -110,30 +107,15 @@ def test_unusable_sources_fail_at_once_with_one_line(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit(tmp_path):
-    import secrets
-    port, dash = _free_port(), _free_port()
-    # Ray >= 2.59 authenticates local clusters by token: the head and the submitting client share one.
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-                   check=True, capture_output=True, timeout=180, env=env)
-    try:
-        out = str(tmp_path / "out")
-        proc = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                               "--", "python", "jobs/collect.py", *FAST, "--limit", "2", "--output", out],
-                              capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "collect: 2 prompts" in proc.stdout
-        assert len(rows(out, "references")) == 2
-    finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+def test_ray_job_submit(tmp_path, ray_head):
+    address, env = ray_head
+    out = str(tmp_path / "out")
+    proc = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                           "--", "python", "jobs/collect.py", *FAST, "--limit", "2", "--output", out],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "collect: 2 prompts" in proc.stdout
+    assert len(rows(out, "references")) == 2
 
 
 def test_a_dead_actor_is_replaced_and_its_batch_retried(tmp_path):
