@@ -1,0 +1,314 @@
+"""The sandbox for generated programs: verdicts, limits, and containment of hostile programs.
+
+Hostile programs report what they managed to do through their exit status or stderr, and each test checks
+the effect from outside too (processes left, files written, connections accepted, the sentinel alive).
+Tests of a layer this machine lacks (see `containment()`) are skipped, never weakened."""
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from learn2pd_core.evals import sandbox
+from learn2pd_core.evals.sandbox import SandboxResult, containment, run_python
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
+
+
+def run(program, **limits):
+    """run_python with a generous wall clock, for programs that should finish: a busy machine is no failure."""
+    return run_python(program, **{"timeout": 30, **limits})
+
+
+def need(*layers):
+    missing = [layer for layer in layers if layer not in containment()]
+    if missing:
+        pytest.skip(f"containment layers unavailable here: {missing}")
+
+
+def sleeper(marker):
+    """Program text: the argv of a Python process that sleeps a minute, findable by `marker`."""
+    return f"[sys.executable, '-c', 'import time; time.sleep(60)  # {marker}']"
+
+
+def marked_processes(marker, wait=5.0):
+    """Pids whose command line contains `marker`, polling up to `wait` s for them to disappear."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker.encode() in f.read():
+                            found.append(int(entry))
+                except OSError:
+                    pass
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+# ---- verdicts ----------------------------------------------------------------------------------------------
+
+def test_correct_program_passes():
+    r = run_python("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nprint('ok')\n")
+    assert r == SandboxResult(True, "passed", "")
+
+
+@pytest.mark.parametrize("program, detail", [
+    ("def f(x):\n    return x\n\nassert f(1) == 2\n", "AssertionError"),
+    ("raise ValueError('boom')\n", "ValueError: boom"),
+    ("def f(:\n    pass\n", "SyntaxError"),
+    ("import sys\nsys.exit(3)\n", "exit status 3"),
+], ids=["assert", "exception", "syntax", "exit-status"])
+def test_failures_report_the_last_stderr_line(program, detail):
+    r = run(program)
+    assert (r.passed, r.status) == (False, "failed")
+    assert detail in r.detail and len(r.detail) <= 300
+
+
+def test_start_failure_is_an_error(monkeypatch):
+    containment()   # probe with the real interpreter first
+    monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python")
+    r = run("pass")
+    assert (r.passed, r.status) == (False, "error") and r.detail
+
+
+@pytest.mark.parametrize("unshare", [None, "/bin/false"], ids=["missing", "not-permitted"])
+def test_falls_back_without_namespaces(monkeypatch, unshare):
+    marker = uuid.uuid4().hex
+    monkeypatch.setattr(sandbox.shutil, "which", lambda *args, **kwargs: unshare)
+    sandbox._mode.cache_clear()
+    try:
+        layers = containment()
+        assert "subreaper" in layers and "pid-namespace" not in layers
+        assert run("import os\nassert os.getppid() != 1 and 'HOME' in os.environ\n").passed
+        program = ("import subprocess, sys, time\n"
+                   f"subprocess.Popen({sleeper(marker)}, start_new_session=True)\n"
+                   "time.sleep(0.3)\n")
+        assert run(program).passed
+        assert marked_processes(marker) == []
+    finally:
+        sandbox._mode.cache_clear()     # the next test probes this machine again
+
+
+def test_concurrent_runs_are_independent():
+    programs = ["assert True", "assert False", "import time; time.sleep(0.3)", "raise KeyError('k')"] * 2
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, programs))
+    assert [r.status for r in results] == ["passed", "failed", "passed", "failed"] * 2
+
+
+# ---- limits ------------------------------------------------------------------------------------------------
+
+def test_infinite_loop_times_out_promptly():
+    start = time.monotonic()
+    r = run("while True:\n    pass\n", timeout=1)
+    assert r == SandboxResult(False, "timeout", "timed out after 1 s")
+    assert time.monotonic() - start < 10
+
+
+def test_cpu_limit_kills():
+    r = run("while True:\n    pass\n", timeout=30, cpu_seconds=1)
+    assert (r.passed, r.status) == (False, "killed") and "SIGXCPU" in r.detail
+
+
+def test_resource_limits_are_applied():
+    r = run(
+        "import resource as r\n"
+        "assert r.getrlimit(r.RLIMIT_AS) == (256 << 20, 256 << 20)\n"
+        "assert r.getrlimit(r.RLIMIT_FSIZE) == (2 << 20, 2 << 20)\n"
+        "assert r.getrlimit(r.RLIMIT_CPU) == (7, 8)\n"
+        "assert r.getrlimit(r.RLIMIT_CORE) == (0, 0)\n"
+        "assert r.getrlimit(r.RLIMIT_NPROC)[0] != r.RLIM_INFINITY\n"
+        "open('/proc/self/status').read().index('NoNewPrivs:\\t1')\n",
+        memory_mb=256, max_file_mb=2, timeout=5.5)
+    assert r.passed, r.detail
+
+
+@pytest.mark.parametrize("program", ["x = bytearray(10**10)\n",
+                                     "x = []\nwhile True:\n    x.append(bytearray(10**6))\n"],
+                         ids=["at-once", "growing"])
+def test_huge_allocation_fails(program):
+    r = run(program, memory_mb=256, timeout=10)
+    assert (r.passed, r.status) == (False, "failed") and "MemoryError" in r.detail
+
+
+def test_file_size_is_limited():
+    r = run("try:\n    open('big', 'wb').write(b'x' * (2 << 20))\n"
+            "except OSError as e:\n    raise SystemExit(f'refused: {e.strerror}')\n", max_file_mb=1)
+    assert r == SandboxResult(False, "failed", "refused: File too large")
+
+
+def test_output_flood_is_bounded():
+    start = time.monotonic()
+    r = run("import sys\nwhile True:\n    sys.stderr.write('x' * 65536)\n", max_file_mb=1, timeout=10)
+    assert (r.passed, r.status) == (False, "failed") and len(r.detail) <= 300   # EFBIG, not the timeout
+    r = run("while True:\n    print('y' * 65536)\n", timeout=1)      # stdout is discarded
+    assert r.status == "timeout"
+    assert time.monotonic() - start < 15
+
+
+# ---- hostile programs: processes -----------------------------------------------------------------------------
+
+def test_fork_bomb_is_contained():
+    marker = uuid.uuid4().hex
+    bomb = ("import os, sys\n"     # re-exec, so that every process of the bomb carries the marker
+            "code = 'import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass'\n"
+            f"code += '  # {marker}'\n"
+            "os.execv(sys.executable, [sys.executable, '-c', code])\n")
+    start = time.monotonic()
+    r = run(bomb, timeout=1, max_processes=16)
+    assert (r.passed, r.status) == (False, "timeout")
+    assert time.monotonic() - start < 15
+    assert marked_processes(marker) == []
+
+
+def test_processes_left_behind_are_killed():
+    marker = uuid.uuid4().hex
+    program = ("import os, subprocess, sys, time\n"
+               f"subprocess.Popen({sleeper(marker)}, start_new_session=True)\n"
+               "if os.fork() == 0:\n    os.setsid()\n"
+               f"    os.execv(sys.executable, {sleeper(marker)})\n"
+               "time.sleep(0.5)\n")
+    assert run(program).passed
+    assert marked_processes(marker) == []
+
+
+@pytest.mark.parametrize("program, timeout, statuses", [
+    # inside a pid namespace the parent (the namespace's init) survives, so the program sleeps into the timeout
+    ("import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(30)\n", 2, {"killed", "timeout"}),
+    ("import os, signal, time\nos.killpg(0, signal.SIGKILL)\ntime.sleep(30)\n", 30, {"killed"}),
+], ids=["parent", "process-group"])
+def test_killing_the_parent_or_group_spares_the_evaluator(program, timeout, statuses):
+    # Were the program our child or in our process group, these would kill pytest itself.
+    r = run(program, timeout=timeout)
+    assert not r.passed and r.status in statuses
+
+
+def test_kill_all_stays_inside_the_pid_namespace():
+    need("pid-namespace")
+    assert run("import os\nassert (os.getpid(), os.getppid()) == (2, 1)\n").passed   # guard: really inside
+    sentinel = subprocess.Popen(["sleep", "30"])
+    try:
+        r = run("import os, signal, subprocess\n"
+                "child = subprocess.Popen(['sleep', '30'])\n"
+                "os.kill(-1, signal.SIGKILL)\n"
+                "assert child.wait() == -signal.SIGKILL\n")     # it does kill inside the sandbox
+        assert r.passed, r.detail
+        time.sleep(0.2)
+        assert sentinel.poll() is None, "kill(-1) inside the sandbox reached a process outside it"
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+def test_capabilities_are_dropped():
+    need("no-capabilities")
+    program = ("status = open('/proc/self/status').read()\n"
+               "for key in ('CapEff', 'CapPrm', 'CapBnd', 'CapAmb'):\n"
+               "    assert int(status.split(key + ':')[1].split()[0], 16) == 0, key\n")
+    if "mount-namespace" in containment():  # only there: with capabilities this would touch the host's mounts
+        program += ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                    "assert libc.umount2(b'/proc', 2) != 0, 'could unmount /proc'\n"
+                    "assert libc.mount(b'none', b'/', None, 32 | 4096, None) != 0, 'could remount / read-write'\n")
+    r = run(program)
+    assert r.passed, r.detail
+
+
+# ---- hostile programs: environment, files, network ------------------------------------------------------------
+
+ALLOWED_ENV = {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED"}
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    for key in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "HTTPS_PROXY", "PYTHONPATH"):
+        monkeypatch.setenv(key, "sekrit-test-value")
+    r = run("import os, sys\n"
+            f"assert set(os.environ) <= {ALLOWED_ENV!r}, sorted(os.environ)\n"
+            "assert 'AWS_SECRET_ACCESS_KEY' not in os.environ\n"
+            "assert b'sekrit' not in open('/proc/self/environ', 'rb').read()\n"
+            "assert os.environ['HOME'] == os.getcwd() and sys.flags.hash_randomization == 0\n")
+    assert r.passed, r.detail
+    r = run("import os, sys\nsys.exit(0 if os.environ.get('AWS_SECRET_ACCESS_KEY') == 'sekrit-test-value' else 1)\n")
+    assert r == SandboxResult(False, "failed", "exit status 1")
+
+
+def test_other_processes_environments_are_invisible():
+    if "pid-namespace" not in containment() and "unprivileged-uid" not in containment():
+        pytest.skip("fallback mode as the evaluator's own uid: /proc/<pid>/environ of its processes is readable")
+    secret = f"sekrit-{uuid.uuid4().hex}"
+    sentinel = subprocess.Popen(["sleep", "30"], env={**os.environ, "AWS_SECRET_ACCESS_KEY": secret})
+    try:
+        deadline = time.monotonic() + 10
+        while True:     # the secret really is there to find, once the sentinel has exec'd
+            with open(f"/proc/{sentinel.pid}/environ", "rb") as f:
+                if secret.encode() in f.read():
+                    break
+            assert time.monotonic() < deadline, "the sentinel never showed its environment"
+            time.sleep(0.01)
+        r = run("import os, sys\n"
+                "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+                "    try:\n"
+                "        data = open(f'/proc/{pid}/environ', 'rb').read()\n"
+                "    except OSError:\n"
+                "        continue\n"
+                f"    if b'{secret}' in data:\n"
+                "        sys.exit(0)\n"
+                "sys.exit('not found')\n")
+        assert r == SandboxResult(False, "failed", "not found")
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+def test_workdir_is_private_writable_and_removed(monkeypatch):
+    made = []
+
+    def mkdtemp(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", mkdtemp)
+    program = ("import os\n"
+               "assert os.listdir('.') == ['program.py'], os.listdir('.')\n"
+               "os.makedirs('a/b/c')\nopen('a/b/c/f', 'w').write('x')\nopen('rel.txt', 'w').write('x')\n"
+               "os.chmod('a/b/c', 0)\nos.chmod('a/b', 0o500)\nos.chmod('a', 0)\nos.symlink('/etc', 'link')\n"
+               "os.chmod('.', 0o500)\n")
+    etc_mode = os.stat("/etc").st_mode
+    r = run(program + "raise SystemExit(os.getcwd())\n")
+    assert r.status == "failed" and r.detail == made[-1]      # the program really ran in that directory
+    r = run(program + "while True:\n    pass\n", timeout=1)
+    assert r.status == "timeout"
+    assert made and not any(os.path.lexists(d) for d in made)
+    assert os.stat("/etc").st_mode == etc_mode                 # cleanup never followed the planted link
+
+
+def test_writes_outside_the_workdir_are_blocked(tmp_path):
+    need("read-only-fs")
+    target = tmp_path / "escape.txt"
+    r = run(f"open({str(target)!r}, 'w').write('x')\n")
+    assert (r.passed, r.status) == (False, "failed") and "Read-only file system" in r.detail
+    assert not target.exists()
+    r = run("import tempfile\nwith tempfile.NamedTemporaryFile() as f:\n    f.write(b'x')\n")
+    assert r.passed, r.detail   # TMPDIR is the working directory, which stays writable
+
+
+def test_network_is_unreachable():
+    need("net-namespace")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        r = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n")
+        assert (r.passed, r.status) == (False, "failed") and "OSError" in r.detail
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
