@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import io
+import statistics
 
 
 def loss_curve_png(history: list[dict], title: str = "Learn2PD filter") -> bytes:
     """Train vs validation BCE per epoch (the paper's appendix C figure). history: [{epoch, train_loss, val_loss}]."""
-    import matplotlib
-    matplotlib.use("Agg")   # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(epochs, [h["train_loss"] for h in history], label="train")
@@ -19,8 +17,68 @@ def loss_curve_png(history: list[dict], title: str = "Learn2PD filter") -> bytes
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    return _png(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")   # no display on cluster nodes
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()
+
+
+def tradeoff_png(summary: list[dict]) -> bytes:
+    """Accuracy against tokens per forward, one panel per benchmark x gen length: the τ sweeps of threshold
+    and learn2pd as curves, the other methods as single points."""
+    plt = _pyplot()
+    panels = sorted({(r["benchmark"], r["gen_length"]) for r in summary})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
+    for ax, (bench, gen) in zip(axes[0], panels):
+        rows = [r for r in summary if (r["benchmark"], r["gen_length"]) == (bench, gen)]
+        for fam in ("threshold", "learn2pd"):
+            curve = sorted((r["threshold"], r["tpf"], r["accuracy"]) for r in rows
+                           if r["method"].partition("@")[0] == fam)
+            if curve:
+                ax.plot([c[1] for c in curve], [c[2] for c in curve], marker="o", label=f"{fam} (τ sweep)")
+                for tau, x, y in curve:
+                    ax.annotate(f"{tau:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in rows:
+            if "@" not in r["method"] and r["method"] not in ("threshold", "learn2pd"):
+                ax.scatter([r["tpf"]], [r["accuracy"]], marker="s", zorder=3, label=r["method"])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("tokens per forward (log)")
+        ax.set_ylabel("accuracy %")
+        ax.set_title(f"{bench}, gen {gen}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def forwards_per_block_png(rows: list[dict], methods=("vanilla", "learn2pd", "egp")) -> bytes:
+    """Distribution of forward passes per decoded block (blocks cut by EoTP excluded), like the paper's
+    Figure 4; one panel per gen length. rows: result rows with method, gen_length, forwards_per_block."""
+    plt = _pyplot()
+    gens = sorted({r["gen_length"] for r in rows})
+    fig, axes = plt.subplots(1, len(gens), figsize=(5 * len(gens), 4), dpi=110, squeeze=False)
+    for ax, gen in zip(axes[0], gens):
+        for m in methods:
+            counts = [f for r in rows if r["method"] == m and r["gen_length"] == gen
+                      for f in r["forwards_per_block"] if f > 0]
+            if counts:
+                top = max(counts)
+                ax.hist(counts, bins=range(1, top + 2), alpha=0.5, density=True, label=f"{m} (median {statistics.median(counts):g})")
+        ax.set_xlabel("forward passes per block")
+        ax.set_ylabel("share of blocks")
+        ax.set_title(f"gen {gen}")
+        ax.legend(fontsize=8)
+    return _png(fig)

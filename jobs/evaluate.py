@@ -1,0 +1,255 @@
+"""Stage 3 of Learn2PD: Ray Data batch inference of Learn2PD+EoTP and the baselines over the benchmarks.
+
+Ray Data shards the examples (benchmark x gen length) across actors that each hold one model replica; each
+actor decodes its batch with every method in turn (vanilla first: the speedup baseline and the EGP
+oracle's reference), so every method is timed on the same examples, actor and hardware. Per-example rows
+(completion, correct, NFE, tokens, seconds) are written as atomic Parquet parts under --output/results;
+examples that cannot be decoded go to --output/errors. A rerun skips examples already written, so an
+interrupted run resumes. At the end the rows are aggregated into report.json, report.md and two figures
+(the accuracy / tokens-per-forward trade-off with the τ sweeps, and forward passes per block).
+
+    python jobs/evaluate.py                     # tiny model, its benchmark family, runs/filter, gen 256 and 1024
+    ray job submit --working-dir . -- python jobs/evaluate.py --model GSAI-ML/LLaDA-8B-Instruct \\
+        --filter s3://b/filter1 --benchmarks gsm8k,math,humaneval,mbpp --gen-length 256 --output s3://b/eval1
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
+
+from learn2pd_core import Learn2PDError, storage  # noqa: E402
+from learn2pd_core.evaluation import (aup_table, evaluate_examples, expand_methods, markdown, summarize,  # noqa: E402
+                                      target_checks)
+from learn2pd_core.placement import plan_actors  # noqa: E402
+
+METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp"
+SWEEP = "0.5,0.7,0.8,0.9,0.95,0.99"
+PAPER = ("paper (LLaDA-8B-Instruct, GSM8K 5-shot, A100): Learn2PD+EoTP 4.21x over vanilla at gen 256 "
+         "(78.62 vs 78.70), 22.58x at gen 1024 (79.83 vs 77.60)")
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a checkpoint directory or a hub id (default: tiny)")
+    ap.add_argument("--filter", default="runs/filter",
+                    help="output of jobs/train_filter.py (local or s3://), needed by learn2pd methods (default runs/filter)")
+    ap.add_argument("--benchmarks", default="tiny",
+                    help="comma list of tiny, gsm8k, math, humaneval, mbpp (default: tiny, the tiny model's benchmark family)")
+    ap.add_argument("--data-dir", help="local benchmark data (e.g. ../shared/data) instead of the Hugging Face hub")
+    ap.add_argument("--shots", type=int, help="few-shot examples (default per benchmark: gsm8k 5, math 4, humaneval 0, mbpp 3)")
+    ap.add_argument("--methods", default=METHODS,
+                    help=f"comma list of policies with optional +eotp and @τ (default {METHODS}); vanilla always runs")
+    ap.add_argument("--sweep", default=SWEEP,
+                    help=f"τ values swept for threshold and learn2pd, for the trade-off plot and AUP (default {SWEEP}; "
+                         "'' for none)")
+    ap.add_argument("--gen-length", "--gen-lengths", dest="gen_lengths", type=int_list, default=[256, 1024],
+                    help="comma list of generation lengths (default 256,1024)")
+    ap.add_argument("--block-size", type=int, default=32, help="block size (default 32; must match the filter)")
+    ap.add_argument("--limit", type=int, help="examples per benchmark (default: all; tiny: its default set)")
+    ap.add_argument("--long-limit", type=int,
+                    help="examples per benchmark at gen lengths above 256 (default: --limit, and 6 for the tiny model "
+                         "on CPU); vanilla costs one forward pass per token, so long generations dominate a CPU run")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per actor batch, decoded together (default 16)")
+    ap.add_argument("--num-actors", type=int, help="model replicas (default: one per GPU, or one per CPU)")
+    ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    ap.add_argument("--raw-prompts", action="store_true", help="tokenise prompts without the model's chat template")
+    ap.add_argument("--output", default="runs/evaluate", help="local directory or s3://bucket/prefix (default runs/evaluate)")
+    ap.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
+    return ap.parse_args(argv)
+
+
+def example_rows(args) -> list[dict]:
+    """Every (benchmark, gen length, example) to decode, sorted so that batches hold one benchmark and length."""
+    from learn2pd_core.evals import load_benchmark
+    rows = []
+    for name in [b for b in args.benchmarks.split(",") if b]:
+        for gen in args.gen_lengths:
+            limit = args.long_limit if gen > 256 and args.long_limit is not None else args.limit
+            bench = load_benchmark(name, source=args.data_dir if name != "tiny" else None, shots=args.shots, limit=limit)
+            rows += [{"benchmark": name, "gen_length": gen, "example_id": e["example_id"], "prompt": e["prompt"],
+                      "target": e["target"]} for e in bench.examples]
+    return rows
+
+
+def key(row) -> str:
+    return f"{row['benchmark']}/{row['gen_length']}/{row['example_id']}"
+
+
+class EvaluateActor:
+    """One model replica: load in __init__, decode a batch with every method in __call__."""
+
+    def __init__(self, model, filter, output, methods, block_size, chat, batch_size):
+        from learn2pd_core import DecodeConfig, generate, load_filter, load_model
+        self.model = load_model(model)
+        self.filter = load_filter(filter) if filter else None
+        self.output, self.methods, self.block_size, self.chat, self.batch_size = output, methods, block_size, chat, batch_size
+        # The first forward passes pay one-off costs (allocator, kernels); keep them out of vanilla's timing.
+        generate(self.model, [[self.model.pad_token_id + 1] * 8], DecodeConfig(gen_length=block_size, block_size=block_size))
+        self.device = device_name(self.model.device)
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(batch, values)} for values in zip(*batch.values())]
+        groups = {}
+        for r in rows:
+            groups.setdefault((r["benchmark"], int(r["gen_length"])), []).append(r)
+        results, errors = [], []
+        name = storage.part_name([key(r) for r in rows])
+        for (bench, gen), group in groups.items():
+            res, err = evaluate_examples(self.model, bench, group, gen_length=gen, block_size=self.block_size,
+                                         methods=self.methods, filter=self.filter, chat=self.chat,
+                                         batch_size=self.batch_size, batch_id=f"{name}:{bench}:{gen}")
+            results.append(res.append_column("device", pa.array([self.device] * res.num_rows, pa.string())))
+            errors.append(err)
+        errors = pa.concat_tables(errors)
+        # Errors first: an example counts as done once the batch's results part exists.
+        if errors.num_rows:
+            storage.write_table(storage.join(self.output, "errors", name), errors)
+        storage.write_table(storage.join(self.output, "results", name), pa.concat_tables(results))
+        return {"examples": [len(rows)], "errors": [errors.num_rows]}
+
+
+def device_name(device) -> str:
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def fingerprint(args, methods, filter_id) -> str:
+    """What makes two runs' rows comparable: a rerun into the same --output must match it."""
+    blob = json.dumps({"model": args.model, "filter": filter_id, "methods": methods, "block_size": args.block_size,
+                       "chat": not args.raw_prompts, "shots": args.shots, "data_dir": args.data_dir}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def filter_identity(uri: str | None) -> str | None:
+    """The filter's fit fingerprint (metrics.json of train_filter) or a hash of its weights."""
+    if not uri:
+        return None
+    metrics = storage.join(uri, "metrics.json")
+    if storage.exists(metrics):
+        return storage.read_json(metrics).get("fingerprint")
+    weights = uri if uri.endswith(".safetensors") else storage.join(uri, "filter.safetensors")
+    return hashlib.sha1(storage.read_bytes(weights)).hexdigest()[:16]
+
+
+def done_keys(output: str) -> set[str]:
+    done = set()
+    for kind in ("results", "errors"):
+        table = storage.read_dataset(storage.join(output, kind), columns=["benchmark", "gen_length", "example_id"])
+        if table is not None:
+            done.update(key(r) for r in table.to_pylist())
+    return done
+
+
+def write_report(args, manifest: dict, keys: set[str]) -> str:
+    """Aggregate the results of this run's examples (`keys`; a larger earlier run into the same --output may
+    hold more) into report.json / report.md / figures; returns the markdown tables."""
+    import pyarrow as pa
+    from learn2pd_core.report import forwards_per_block_png, tradeoff_png
+
+    def mine(kind):
+        table = storage.read_dataset(storage.join(args.output, kind))
+        return table.filter(pa.array([key(r) in keys for r in table.select(["benchmark", "gen_length", "example_id"])
+                                      .to_pylist()])) if table is not None else None
+    results, errors = mine("results"), mine("errors")
+    if results is None or not results.num_rows:
+        raise Learn2PDError(f"no results under {args.output}/results: every example failed (see {args.output}/errors)")
+    summary = summarize(results)
+    aups, checks = aup_table(summary), target_checks(summary)
+    devices = sorted(set(results.column("device").to_pylist()))
+    report = {"settings": manifest, "hardware": {"devices": devices, "driver": platform.platform()},
+              "summary": summary, "aup": aups, "targets": checks, "errors": errors.num_rows if errors is not None else 0,
+              "paper": PAPER}
+    storage.write_json(storage.join(args.output, "report.json"), report)
+    light = results.select(["method", "gen_length", "forwards_per_block"]).to_pylist()
+    storage.write_bytes(storage.join(args.output, "tradeoff.png"), tradeoff_png(summary))
+    storage.write_bytes(storage.join(args.output, "forwards_per_block.png"), forwards_per_block_png(light))
+    body = markdown(summary, aups, checks)
+    text = "\n".join([
+        "# Learn2PD evaluation", "",
+        f"Model `{manifest['model']}`, filter `{manifest['filter']}`, block {manifest['block_size']}, greedy, "
+        f"chat template {'on' if manifest['chat_template'] else 'off'}; hardware: {', '.join(devices)}; "
+        f"versions: {', '.join(f'{k} {v}' for k, v in manifest['versions'].items())}. "
+        f"Tokens/s and speedups are measured in one run, every method on the same examples and actors; "
+        f"speedup = tokens/s against vanilla, NFE ratio = vanilla NFE / method NFE. "
+        f"{report['errors']} examples failed (see errors/).", "",
+        body,
+        f"For comparison, {PAPER}. Figures here are from `{manifest['model']}`, not LLaDA.", "",
+        "Sweep points (`method@τ`) are in report.json and tradeoff.png; forward passes per block in "
+        "forwards_per_block.png.", ""])
+    storage.write_bytes(storage.join(args.output, "report.md"), text.encode())
+    return body
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import ray
+    import torch
+    import transformers
+
+    if args.long_limit is None and args.model == "tiny" and not torch.cuda.is_available():
+        args.long_limit = 6
+        print("gen lengths above 256: 6 examples per benchmark (the CPU default; --long-limit changes it)", flush=True)
+    methods = expand_methods([m for m in args.methods.split(",") if m],
+                             [float(t) for t in args.sweep.split(",") if t])
+    needs_filter = any(m.startswith("learn2pd") for m in methods)
+    if needs_filter and not (storage.exists(storage.join(args.filter, "filter.safetensors"))
+                             or (args.filter.endswith(".safetensors") and storage.exists(args.filter))):
+        raise Learn2PDError(f"no filter at {args.filter}: run jobs/train_filter.py first, pass --filter to its "
+                            "output, or drop the learn2pd methods from --methods")
+    filter_uri = args.filter if needs_filter else None
+    rows = example_rows(args)
+    if args.overwrite:
+        storage.remove(args.output)
+    manifest = {"stage": "evaluate", "model": args.model, "filter": filter_uri, "benchmarks": args.benchmarks,
+                "data_dir": args.data_dir, "shots": args.shots, "methods": methods, "gen_lengths": args.gen_lengths,
+                "block_size": args.block_size, "limit": args.limit, "long_limit": args.long_limit,
+                "chat_template": not args.raw_prompts,
+                "fingerprint": fingerprint(args, methods, filter_identity(filter_uri)),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__}}
+    path = storage.join(args.output, "manifest.json")
+    if storage.exists(path) and storage.read_json(path).get("fingerprint") != manifest["fingerprint"]:
+        raise Learn2PDError(f"{args.output} holds an evaluation with other settings (model, filter, methods or prompts); "
+                            "pass --overwrite to replace it or choose another --output")
+    manifest["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    storage.write_json(path, manifest)
+
+    done = done_keys(args.output)
+    pending = [r for r in rows if key(r) not in done]
+    print(f"{len(rows)} examples x {len(methods)} methods: {len(rows) - len(pending)} already done, "
+          f"{len(pending)} to decode", flush=True)
+    if pending:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+        gpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
+        counts = ray.data.from_items(pending).map_batches(
+            EvaluateActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus, num_cpus=1 if not gpus else None,
+            fn_constructor_kwargs=dict(model=args.model, filter=filter_uri, output=args.output, methods=methods,
+                                       block_size=args.block_size, chat=False if args.raw_prompts else None,
+                                       batch_size=args.batch_size)).take_all()
+        print(f"this run: {sum(c['examples'] for c in counts)} examples, {sum(c['errors'] for c in counts)} failures",
+              flush=True)
+    manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    storage.write_json(path, manifest)
+    print()
+    print(write_report(args, manifest, {key(r) for r in rows}))
+    print(f"report in {storage.join(args.output, 'report.md')} (and report.json, tradeoff.png, forwards_per_block.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Learn2PDError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,226 @@
+"""Evaluation: decode benchmark examples with every method, score them, and aggregate the rows into the
+report's table (accuracy, NFE, tokens per forward, tokens/s, speedups, AUP). No Ray in here.
+
+One call of `evaluate_examples` decodes a group of examples (one benchmark, one gen length) with every
+method in turn, on the same model and hardware, so the per-method timings of a group are comparable.
+`vanilla` always runs first: it is the speedup baseline and the reference of the `egp` oracle.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import pyarrow as pa
+
+from .config import DecodeConfig
+from .engine import generate
+from .errors import Learn2PDError
+from .traces import encode_checked
+
+RESULTS = pa.schema([("benchmark", pa.string()), ("gen_length", pa.int32()), ("example_id", pa.string()),
+                     ("method", pa.string()), ("threshold", pa.float64()), ("completion", pa.string()),
+                     ("correct", pa.bool_()), ("scores", pa.string()), ("nfe", pa.int32()),
+                     ("answer_tokens", pa.int32()), ("decode_seconds", pa.float64()), ("batch_id", pa.string()),
+                     ("batch_seconds", pa.float64()), ("forwards_per_block", pa.list_(pa.int32()))])
+ERRORS = pa.schema([("benchmark", pa.string()), ("gen_length", pa.int32()), ("example_id", pa.string()),
+                    ("error", pa.string())])
+POLICY_TAUS = {"threshold": 0.9, "learn2pd": 0.96}
+
+
+def expand_methods(methods: Sequence[str], sweep: Sequence[float] = ()) -> list[str]:
+    """The methods to run: vanilla first, the requested ones (validated), then 'threshold@τ' and 'learn2pd@τ'
+    for every τ of the sweep (the trade-off curves and AUP), for each of the two policies that was requested."""
+    out = ["vanilla"]
+    for m in methods:
+        DecodeConfig.from_method(m, gen_length=32, block_size=32, filter=_NoFilter, references=[[0] * 32])
+        if m not in out:
+            out.append(m)
+    for fam in POLICY_TAUS:
+        if any(m.partition("@")[0].partition("+")[0] == fam for m in methods):
+            out += [f"{fam}@{t:g}" for t in sweep
+                    if f"{fam}@{t:g}" not in out and not (fam in out and t == POLICY_TAUS[fam])]
+    return out
+
+
+class _NoFilter:   # stands in for a filter while validating method names
+    block_size = 32
+    threshold = None
+
+
+def family(method: str) -> str:
+    """'threshold@0.7' -> 'threshold': the curve a sweep point belongs to."""
+    return method.partition("@")[0]
+
+
+def evaluate_examples(model, benchmark: str, rows: Sequence[dict], *, gen_length: int, block_size: int,
+                      methods: Sequence[str], filter=None, chat: bool | None = None, batch_size: int | None = None,
+                      batch_id: str = "") -> tuple[pa.Table, pa.Table]:
+    """Decode rows {example_id, prompt, target} of one benchmark with every method; (results, errors).
+    A row that cannot be decoded becomes an error row; the others go on."""
+    from .evals import score_details, truncate
+
+    good, ids, errors = [], [], []
+    for r in rows:
+        try:
+            ids.append(encode_checked(model, r["prompt"], gen_length, chat))
+            good.append(r)
+        except Learn2PDError as e:
+            errors.append({"benchmark": benchmark, "gen_length": gen_length, "example_id": r["example_id"],
+                           "error": str(e)})
+    out = []
+    try:
+        vanilla = None
+        for method in methods if good else []:
+            extra = {"references": [v.token_ids for v in vanilla]} if family(method).startswith("egp") else {}
+            cfg = DecodeConfig.from_method(method, gen_length=gen_length, block_size=block_size,
+                                           filter=filter if method.startswith("learn2pd") else None, **extra)
+            start = time.perf_counter()
+            results = generate(model, ids, cfg, batch_size=batch_size)
+            wall = time.perf_counter() - start
+            if method == "vanilla":
+                vanilla = results
+            for r, res in zip(good, results):
+                completion = truncate(benchmark, res.text)
+                try:
+                    scores = score_details(benchmark, r, completion)
+                except Exception as e:   # the scorer's machinery failed (e.g. no sandbox): wrong, and reported
+                    scores = {"correct": False, "error": f"{type(e).__name__}: {e}"}
+                    errors.append({"benchmark": benchmark, "gen_length": gen_length, "example_id": r["example_id"],
+                                   "error": f"{method}: scoring failed: {scores['error']}"})
+                out.append({"benchmark": benchmark, "gen_length": gen_length, "example_id": r["example_id"],
+                            "method": method, "threshold": cfg.tau if cfg.policy in POLICY_TAUS else None,
+                            "completion": completion, "correct": bool(scores["correct"]), "scores": json.dumps(scores),
+                            "nfe": res.nfe, "answer_tokens": res.answer_tokens, "decode_seconds": res.decode_seconds,
+                            "batch_id": batch_id, "batch_seconds": wall, "forwards_per_block": res.forwards_per_block})
+    except RuntimeError as e:   # e.g. out of GPU memory: this group fails as a whole, the job goes on
+        out = []
+        errors += [{"benchmark": benchmark, "gen_length": gen_length, "example_id": r["example_id"],
+                    "error": f"decoding failed: {str(e).splitlines()[0][:300]}"} for r in good]
+    return pa.Table.from_pylist(out, schema=RESULTS), pa.Table.from_pylist(errors, schema=ERRORS)
+
+
+# ---------------------------------------------------------------- aggregation
+def summarize(results: pa.Table) -> list[dict]:
+    """One row per (benchmark, gen_length, method). TPS = answer tokens / decoding seconds summed over the
+    method's batches; speedups are against vanilla on the same examples (same batches, same actors)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results.to_pylist():
+        groups[(r["benchmark"], r["gen_length"], r["method"])].append(r)
+    rows = []
+    for (bench, gen, method), rs in groups.items():
+        seconds = sum({r["batch_id"]: r["batch_seconds"] for r in rs}.values())
+        tokens, nfe = sum(r["answer_tokens"] for r in rs), sum(r["nfe"] for r in rs)
+        rows.append({"benchmark": bench, "gen_length": gen, "method": method, "threshold": rs[0]["threshold"],
+                     "examples": len(rs), "accuracy": 100 * sum(r["correct"] for r in rs) / len(rs),
+                     "nfe": nfe / len(rs), "tpf": tokens / nfe if nfe else 0.0,
+                     "tps": tokens / seconds if seconds else 0.0, "seconds": seconds,
+                     "blocks_median_forwards": _median_forwards(rs)})
+    base = {(r["benchmark"], r["gen_length"]): r for r in rows if r["method"] == "vanilla"}
+    for r in rows:
+        v = base.get((r["benchmark"], r["gen_length"]))
+        r["speedup"] = r["tps"] / v["tps"] if v and v["tps"] else float("nan")
+        r["nfe_speedup"] = v["nfe"] / r["nfe"] if v and r["nfe"] else float("nan")
+        r["accuracy_delta"] = r["accuracy"] - v["accuracy"] if v else float("nan")
+    order = {m: i for i, m in enumerate(["vanilla", "vanilla+eotp", "threshold", "factor", "learn2pd", "learn2pd+eotp",
+                                         "egp"])}
+    return sorted(rows, key=lambda r: (r["benchmark"], r["gen_length"], "@" in r["method"],
+                                       order.get(r["method"], 99), r["method"]))
+
+
+def _median_forwards(rows: list[dict]) -> float:
+    counts = [f for r in rows for f in r["forwards_per_block"] if f > 0]
+    return float(statistics.median(counts)) if counts else 0.0
+
+
+def aup(points: Sequence[tuple[float, float]], *, alpha: float = 3.0, drop: float = 5.0) -> float:
+    """Accuracy under parallelism (d3LLM): area under accuracy (%) over tokens per forward for a sweep.
+    Points are ordered by TPF; the first (least parallel) sets the reference and points more than `drop`
+    accuracy points below it are dropped; each accuracy y is weighted by W(y) = min(exp(-alpha(1 - y/y_max)), 1);
+    the area is the trapezoid rule over the kept points, starting from TPF 0 at the first point's value."""
+    pts = sorted(points)
+    if not pts:
+        return 0.0
+    first = pts[0][1]
+    kept = [(x, y) for x, y in pts if y >= first - drop]
+    y_max = max(y for _, y in kept)
+    weighted = [(x, y * (min(math.exp(-alpha * (1 - y / y_max)), 1.0) if y_max > 0 else 0.0)) for x, y in kept]
+    area, (px, py) = 0.0, (0.0, weighted[0][1])
+    for x, y in weighted:
+        area += (x - px) * (py + y) / 2
+        px, py = x, y
+    return area
+
+
+def aup_table(summary: Sequence[dict]) -> list[dict]:
+    """AUP of each swept family (threshold, learn2pd) per benchmark and gen length."""
+    curves: dict[tuple, list] = defaultdict(list)
+    for r in summary:
+        if family(r["method"]) in POLICY_TAUS:
+            curves[(r["benchmark"], r["gen_length"], family(r["method"]))].append((r["tpf"], r["accuracy"]))
+    return [{"benchmark": b, "gen_length": g, "family": f, "points": len(p), "aup": aup(p)}
+            for (b, g, f), p in sorted(curves.items())]
+
+
+def target_checks(summary: Sequence[dict]) -> list[dict]:
+    """Learn2PD+EoTP against the project's targets, per benchmark and gen length."""
+    by = defaultdict(dict)
+    for r in summary:
+        by[(r["benchmark"], r["gen_length"])][r["method"]] = r
+    out = []
+    for (bench, gen), m in sorted(by.items()):
+        ours = m.get("learn2pd+eotp")
+        if not ours:
+            continue
+        rivals = [m[k] for k in ("vanilla", "threshold", "factor") if k in m]
+        check = {"benchmark": bench, "gen_length": gen,
+                 "fewer_nfe_than_baselines": all(ours["nfe"] < r["nfe"] for r in rivals),
+                 "higher_tps_than_baselines": all(ours["tps"] > r["tps"] for r in rivals),
+                 "accuracy_within_1_point": abs(ours["accuracy_delta"]) <= 1.0 or ours["accuracy_delta"] > 0}
+        if "egp" in m:
+            check["nfe_vs_egp"] = ours["nfe"] / m["egp"]["nfe"]
+            check["within_1.5x_of_egp"] = check["nfe_vs_egp"] <= 1.5
+        out.append(check)
+    return out
+
+
+COLUMNS = [("method", "method", "{}"), ("threshold", "τ", "{:g}"), ("examples", "n", "{}"),
+           ("accuracy", "accuracy %", "{:.1f}"), ("nfe", "NFE", "{:.1f}"), ("tpf", "tokens/forward", "{:.2f}"),
+           ("tps", "tokens/s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"), ("nfe_speedup", "NFE ratio", "{:.2f}x"),
+           ("blocks_median_forwards", "median forwards/block", "{:g}")]
+
+
+def markdown(summary: Sequence[dict], aups: Sequence[dict] = (), checks: Sequence[dict] = (),
+             sweep: bool = False) -> str:
+    """The report's tables: one per benchmark and gen length (sweep points only when `sweep`)."""
+    lines = []
+    by = defaultdict(list)
+    for r in summary:
+        if sweep or "@" not in r["method"]:
+            by[(r["benchmark"], r["gen_length"])].append(r)
+    for (bench, gen), rows in sorted(by.items()):
+        lines += [f"### {bench}, gen length {gen}", "", "| " + " | ".join(c[1] for c in COLUMNS) + " |",
+                  "|" + "---|" * len(COLUMNS)]
+        for r in rows:
+            lines.append("| " + " | ".join("" if r.get(k) is None else f.format(r[k]) for k, _, f in COLUMNS) + " |")
+        lines.append("")
+    if aups:
+        lines += ["### AUP (τ sweep; area under accuracy % over tokens per forward)", "",
+                  "| benchmark | gen length | method | points | AUP |", "|---|---|---|---|---|"]
+        lines += [f"| {a['benchmark']} | {a['gen_length']} | {a['family']} | {a['points']} | {a['aup']:.1f} |"
+                  for a in aups]
+        lines.append("")
+    if checks:
+        lines += ["### learn2pd+eotp against the targets", "",
+                  "| benchmark | gen length | fewer NFE than vanilla/threshold/factor | higher tokens/s | "
+                  "accuracy within 1 point of vanilla | NFE / EGP NFE (≤ 1.5) |", "|---|---|---|---|---|---|"]
+        yn = {True: "yes", False: "**no**"}
+        for c in checks:
+            egp = f"{c['nfe_vs_egp']:.2f} ({yn[c['within_1.5x_of_egp']]})" if "nfe_vs_egp" in c else "n/a"
+            lines.append(f"| {c['benchmark']} | {c['gen_length']} | {yn[c['fewer_nfe_than_baselines']]} | "
+                         f"{yn[c['higher_tps_than_baselines']]} | {yn[c['accuracy_within_1_point']]} | {egp} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""jobs/evaluate.py end to end on the tiny model (real local Ray) and the aggregation it reports."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from learn2pd_core import DecodeConfig, load_model, save_filter, storage
+from learn2pd_core.bench import fit_filter_on
+from learn2pd_core.evaluation import RESULTS, aup, expand_methods, summarize
+from learn2pd_core.tiny.tasks import instruction_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")
+METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp"
+FAST = ["--model", MODEL, "--benchmarks", "tiny", "--methods", METHODS, "--sweep", "0.7", "--block-size", "32",
+        "--batch-size", "6", "--num-actors", "1"]
+
+
+def evaluate(*args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), *FAST, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"evaluate failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def results(out):
+    return storage.read_dataset(storage.join(out, "results")).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def filter_dir(tmp_path_factory):
+    model = load_model(MODEL)
+    filt, _ = fit_filter_on(model, [e["prompt"] for e in instruction_examples(2, seed=5)], gen_length=64,
+                            block_size=32, epochs=300)
+    out = tmp_path_factory.mktemp("filter")
+    save_filter(filt, str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def run(filter_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eval") / "out")
+    # gen 1408 (with any prompt) exceeds the tiny model's 1,399-token context: every example of that
+    # length must become an error row while gen 64 goes on.
+    proc = evaluate("--filter", filter_dir, "--gen-length", "64,1408", "--limit", "6", "--output", out)
+    return out, proc
+
+
+def test_every_method_decodes_every_example(run):
+    out, proc = run
+    rows = results(out)
+    methods = expand_methods(METHODS.split(","), [0.7])
+    assert sorted({r["method"] for r in rows}) == sorted(methods)
+    keys = [(r["example_id"], r["method"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 6 * len(methods)            # one row per example and method
+    by = {(r["example_id"], r["method"]): r for r in rows}
+    for (ex, method), r in by.items():
+        assert r["gen_length"] == 64 and r["nfe"] >= 1
+        if method == "vanilla":
+            assert r["nfe"] == 64 and sum(r["forwards_per_block"]) == 64
+        if method == "egp":   # the oracle writes the vanilla answer of the same run, so it scores the same
+            assert r["completion"] == by[(ex, "vanilla")]["completion"]
+            assert r["correct"] == by[(ex, "vanilla")]["correct"]
+            assert r["nfe"] <= by[(ex, "vanilla")]["nfe"]
+    errors = storage.read_dataset(storage.join(out, "errors")).to_pylist()
+    assert len(errors) == 6 and all(e["gen_length"] == 1408 and "context" in e["error"] for e in errors)
+    assert "this run: 12 examples, 6 failures" in proc.stdout
+
+
+def test_report_agrees_with_the_rows(run):
+    out, proc = run
+    rows = results(out)
+    report = json.loads(Path(out, "report.json").read_text())
+    assert report["errors"] == 6 and report["hardware"]["devices"]
+    summary = {r["method"]: r for r in report["summary"]}
+    for method, s in summary.items():
+        mine = [r for r in rows if r["method"] == method]
+        assert s["examples"] == len(mine)
+        assert math.isclose(s["accuracy"], 100 * sum(r["correct"] for r in mine) / len(mine))
+        assert math.isclose(s["nfe"], sum(r["nfe"] for r in mine) / len(mine))
+        assert math.isclose(s["tpf"], sum(r["answer_tokens"] for r in mine) / sum(r["nfe"] for r in mine))
+        assert math.isclose(s["nfe_speedup"], summary["vanilla"]["nfe"] / s["nfe"])
+    assert summary["learn2pd+eotp"]["nfe"] < summary["vanilla"]["nfe"]
+    assert {a["family"] for a in report["aup"]} == {"threshold", "learn2pd"}
+    md = Path(out, "report.md").read_text()
+    assert "learn2pd+eotp" in md and "tiny, gen length 64" in md and "4.21x" in md
+    for png in ("tradeoff.png", "forwards_per_block.png"):
+        assert Path(out, png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| learn2pd+eotp |" in proc.stdout                       # the table is printed at the end
+
+
+def test_rerun_resumes_without_duplicates(run, filter_dir):
+    out, _ = run
+    before = sorted((r["example_id"], r["method"], r["completion"]) for r in results(out))
+    again = evaluate("--filter", filter_dir, "--gen-length", "64,1408", "--limit", "6", "--output", out)
+    assert "0 to decode" in again.stdout
+    parts = storage.list_parts(storage.join(out, "results"))
+    storage.delete_file(parts[0])                                    # as if that batch had been interrupted
+    lost = len(before) - len(results(out))
+    assert lost > 0
+    resumed = evaluate("--filter", filter_dir, "--gen-length", "64,1408", "--limit", "6", "--output", out)
+    assert f"{lost // len(expand_methods(METHODS.split(','), [0.7]))} to decode" in resumed.stdout
+    assert sorted((r["example_id"], r["method"], r["completion"]) for r in results(out)) == before
+
+
+def test_other_settings_or_missing_filter_fail_in_one_line(run, filter_dir, tmp_path):
+    out, _ = run
+    proc = evaluate("--filter", filter_dir, "--gen-length", "64", "--limit", "6", "--methods", "vanilla,threshold",
+                    "--output", out, check=False)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    proc = evaluate("--filter", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 1 and "jobs/train_filter.py" in proc.stderr and "Traceback" not in proc.stderr
+    proc = evaluate("--benchmarks", "tiny,nonsense", "--methods", "vanilla", "--output", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 1 and "nonsense" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- aggregation, against plain arithmetic
+def test_aup_matches_a_hand_computation():
+    # Points (TPF, accuracy %): the 30% point is > 5 below the first (80) and is dropped.
+    pts = [(1.0, 80.0), (2.0, 78.0), (4.0, 30.0), (3.0, 76.0)]
+    w = lambda y: y * min(math.exp(-3 * (1 - y / 80.0)), 1.0)
+    expected = 1.0 * w(80) + (w(80) + w(78)) / 2 + (w(78) + w(76)) / 2
+    assert math.isclose(aup(pts), expected)
+    assert math.isclose(aup([(2.0, 50.0)]), 100.0)
+
+
+def test_summary_speedups_use_the_same_batches():
+    def row(method, ex, correct, nfe, tokens, batch, seconds):
+        return {"benchmark": "b", "gen_length": 32, "example_id": ex, "method": method, "threshold": None,
+                "completion": "", "correct": correct, "scores": "{}", "nfe": nfe, "answer_tokens": tokens,
+                "decode_seconds": seconds, "batch_id": batch, "batch_seconds": seconds, "forwards_per_block": [nfe]}
+    table = pa.Table.from_pylist([row("vanilla", "1", True, 32, 10, "x", 4.0), row("vanilla", "2", False, 32, 6, "x", 4.0),
+                                  row("learn2pd", "1", True, 4, 10, "x", 0.5), row("learn2pd", "2", True, 2, 6, "x", 0.5)],
+                                 schema=RESULTS)
+    s = {r["method"]: r for r in summarize(table)}
+    assert s["vanilla"]["tps"] == 16 / 4.0 and s["learn2pd"]["tps"] == 16 / 0.5    # batch time counted once
+    assert s["learn2pd"]["speedup"] == 8.0 and s["learn2pd"]["nfe_speedup"] == 32 / 3
+    assert s["learn2pd"]["accuracy"] == 100 and s["learn2pd"]["accuracy_delta"] == 50
+
+
+def test_method_names():
+    assert expand_methods(["learn2pd+eotp", "threshold"], [0.5, 0.9]) == \
+        ["vanilla", "learn2pd+eotp", "threshold", "threshold@0.5", "learn2pd@0.5", "learn2pd@0.9"]
+    cfg = DecodeConfig.from_method("threshold@0.7")
+    assert cfg.policy == "threshold" and cfg.tau == 0.7
+    with pytest.raises(Exception, match="not a threshold"):
+        DecodeConfig.from_method("threshold@high")
