@@ -8,10 +8,10 @@ setup:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
 	$(PYTHON) -m pip install -q -e ".[test]"
 
+# collect -> train_filter -> evaluate into runs/{collect,filter,evaluate}; ends with the report table.
+# A rerun skips the stages that are complete.
 run: setup
-	$(PYTHON) jobs/collect.py --output runs/collect
-	$(PYTHON) jobs/train_filter.py --traces runs/collect --output runs/filter
-	$(PYTHON) -m learn2pd_core.demo --filter runs/filter
+	$(PYTHON) jobs/pipeline.py --run-dir runs
 
 test: setup
 	$(PYTHON) -m pytest -q

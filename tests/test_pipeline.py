@@ -1,0 +1,38 @@
+"""jobs/pipeline.py submitted with `ray job submit` to a real local Ray cluster: one run directory, all three
+stages, and a second submission that finds every stage complete."""
+import subprocess
+from pathlib import Path
+
+from learn2pd_core import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--per-task", "1", "--collect-gen-length", "32", "--epochs", "200", "--gen-lengths", "32", "--limit", "3",
+        "--num-actors", "1", "--stage-args", "collect:--limit 4", "--stage-args", "evaluate:--sweep 0.7"]
+
+
+def submit(address, env, run_dir):
+    proc = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                           "python", "jobs/pipeline.py", "--run-dir", run_dir, *FAST],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_pipeline_runs_every_stage_then_skips_them(ray_head, tmp_path):
+    address, env = ray_head
+    run = str(tmp_path / "run")
+    first = submit(address, env, run)
+    for stage in ("collect", "train_filter", "evaluate"):
+        assert f"== {stage}: python jobs/{stage}.py" in first
+    refs = storage.read_dataset(storage.join(run, "collect", "references"))
+    assert refs.num_rows == 4
+    assert storage.exists(storage.join(run, "filter", "filter.safetensors"))
+    results = storage.read_dataset(storage.join(run, "evaluate", "results"))
+    assert set(results.column("example_id").to_pylist()).__len__() == 3
+    assert "| learn2pd+eotp |" in first and "pipeline complete" in first
+
+    second = submit(address, env, run)
+    for stage in ("collect", "train_filter", "evaluate"):
+        assert f"== {stage}: already complete, skipped" in second
+    assert "| learn2pd+eotp |" in second                    # the report is shown again
+    assert storage.read_dataset(storage.join(run, "evaluate", "results")).num_rows == results.num_rows
