@@ -84,6 +84,20 @@ def key(row) -> str:
     return f"{row['benchmark']}/{row['gen_length']}/{row['example_id']}"
 
 
+def chunks(rows: list[dict], batch_size: int, actors: int) -> list[dict]:
+    """The decoding batches, formed here rather than by Ray Data: one benchmark and gen length each, at most
+    `batch_size` examples, and small enough that a group's examples spread over every actor (a lone batch of
+    gen-1024 examples on one actor would otherwise leave the others idle); longest generations first."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["benchmark"], r["gen_length"]), []).append(r)
+    out = []
+    for (_, gen), group in sorted(groups.items(), key=lambda kv: -kv[0][1]):
+        size = max(1, min(batch_size, -(-len(group) // actors)))
+        out += [{"rows": json.dumps(group[i:i + size])} for i in range(0, len(group), size)]
+    return out
+
+
 class EvaluateActor:
     """One model replica: load in __init__, decode a batch with every method in __call__."""
 
@@ -98,7 +112,7 @@ class EvaluateActor:
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow as pa
-        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(batch, values)} for values in zip(*batch.values())]
+        rows = [r for chunk in batch["rows"] for r in json.loads(chunk)]
         groups = {}
         for r in rows:
             groups.setdefault((r["benchmark"], int(r["gen_length"])), []).append(r)
@@ -232,8 +246,8 @@ def main(argv=None) -> int:
     if pending:
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
         gpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
-        counts = ray.data.from_items(pending).map_batches(
-            EvaluateActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        counts = ray.data.from_items(chunks(pending, args.batch_size, actors)).map_batches(
+            EvaluateActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus, num_cpus=1 if not gpus else None,
             fn_constructor_kwargs=dict(model=args.model, filter=filter_uri, output=args.output, methods=methods,
                                        block_size=args.block_size, chat=False if args.raw_prompts else None,

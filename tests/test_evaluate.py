@@ -151,3 +151,17 @@ def test_method_names():
     assert cfg.policy == "threshold" and cfg.tau == 0.7
     with pytest.raises(Exception, match="not a threshold"):
         DecodeConfig.from_method("threshold@high")
+
+
+def test_batches_spread_long_generations_over_every_actor():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rows = [{"benchmark": "tiny", "gen_length": g, "example_id": str(i), "prompt": "p", "target": "{}"}
+            for g, n in ((256, 48), (1024, 6)) for i in range(n)]
+    batches = [json.loads(c["rows"]) for c in job.chunks(rows, batch_size=16, actors=2)]
+    assert [len(b) for b in batches] == [3, 3, 16, 16, 16]                # longest first, split over 2 actors
+    assert all(len({(r["benchmark"], r["gen_length"]) for r in b}) == 1 for b in batches)
+    assert sorted(r["example_id"] + str(r["gen_length"]) for b in batches for r in b) == \
+        sorted(r["example_id"] + str(r["gen_length"]) for r in rows)
