@@ -1,5 +1,5 @@
-"""Prompt sources for trace collection: the tiny model's synthetic instruction family, local JSONL or
-Parquet files, or a Hugging Face dataset (FLAN: `Muennighoff/flan`, columns `inputs` and `task`).
+"""Prompt sources for trace collection: the tiny model's synthetic instruction family, JSONL or Parquet
+files (local or s3://), or a Hugging Face dataset (FLAN: `Muennighoff/flan`, columns `inputs` and `task`).
 Every prompt gets a stable `prompt_id`, so reruns find what is already done."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def load_prompts(source: str = TINY_SOURCE, *, per_task: int | None = None, limi
         rows = [{"prompt_id": e["id"], "task": e["task"], "prompt": e["prompt"]}
                 for e in instruction_examples(per_task or 8, seed=seed)]
         return rows[:limit] if limit else rows
-    records = _read_local(source) if os.path.exists(source) or source.endswith((".jsonl", ".parquet")) \
+    records = _read_file(source) if os.path.exists(source) or source.endswith((".jsonl", ".parquet")) \
         else _read_hub(source, split)
     rows = _normalise(records, source, prompt_column, task_column)
     if per_task:
@@ -31,14 +31,19 @@ def load_prompts(source: str = TINY_SOURCE, *, per_task: int | None = None, limi
     return rows[:limit] if limit else rows
 
 
-def _read_local(path: str) -> list[dict]:
+def _read_file(path: str) -> list[dict]:
+    """A local or s3:// JSONL / Parquet file (S3 through the same settings as the job outputs)."""
+    import pyarrow as pa
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
-    if not os.path.exists(path):
-        raise Learn2PDError(f"prompt file {path} does not exist; pass a .jsonl or .parquet file, "
+
+    from . import storage
+    if not storage.exists(path):
+        raise Learn2PDError(f"prompt file {path} does not exist; pass a .jsonl or .parquet file (local or s3://), "
                             f"'{TINY_SOURCE}' or a Hugging Face dataset id")
     try:
-        table = pq.read_table(path) if path.endswith(".parquet") else pajson.read_json(path)
+        data = pa.BufferReader(storage.read_bytes(path))
+        table = pq.read_table(data) if path.endswith(".parquet") else pajson.read_json(data)
     except Exception as e:   # pyarrow raises several types for malformed files
         raise Learn2PDError(f"cannot read prompts from {path}: {str(e).splitlines()[0]}") from None
     return table.to_pylist()

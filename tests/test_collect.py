@@ -73,10 +73,14 @@ def test_rerun_is_idempotent_and_resumes(local_run, tmp_path):
         assert rows(broken, kind) == rows(out, kind)
 
 
-def test_s3_output_equals_local_output(local_run, s3_server):
+def test_s3_prompts_and_output_equal_local_output(local_run, s3_server):
     out, _ = local_run
     uri = f"{s3_server}/run1"
-    proc = collect("--limit", "8", "--output", uri)
+    # The same 8 prompts, read from a JSONL object on the S3 server instead of the built-in family.
+    from learn2pd_core.prompts import load_prompts
+    prompts = f"{s3_server}/inputs/prompts.jsonl"
+    storage.write_bytes(prompts, "\n".join(json.dumps(r) for r in load_prompts(limit=8)).encode())
+    proc = collect("--prompts", prompts, "--output", uri)
     assert "testing-secret" not in proc.stdout + proc.stderr
     for kind in ("traces", "references"):
         assert rows(uri, kind) == rows(out, kind)
