@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs shared by the workers (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="matmul precisions to compare")
     args = ap.parse_args()
     import ray
     # Workers unpickle the job's functions by module name: put jobs/ on their path.
@@ -52,23 +53,24 @@ def main():
     sets = [("default", args.traces, base_rows), ("tiled", *tiled(args.traces, args.min_rows, os.path.join(tmp, "tiled")))]
     rows = []
     for name, uri, n in sets:
-        for w in args.workers:
+        for w, prec in [(w, p) for w in args.workers for p in args.precisions]:
             runs = []
             for r in range(args.repeats):
-                out = os.path.join(tmp, f"{name}-{w}-{r}")
+                out = os.path.join(tmp, f"{name}-{w}-{prec}-{r}")
                 train_filter.main(["--traces", uri, "--output", out, "--epochs", str(args.epochs),
                                    "--num-workers", str(w), "--cpus-per-worker", str(max(1, args.cpus // w)),
-                                   "--eval-every", str(args.epochs // 20)])
+                                   "--eval-every", str(args.epochs // 20), "--precision", prec])
                 runs.append(storage.read_json(os.path.join(out, "metrics.json")))
-            rows.append((name, n, w, statistics.median(m["loop_seconds"] for m in runs),
+            rows.append((name, n, f"{w} | {prec}", statistics.median(m["loop_seconds"] for m in runs),
                          statistics.median(m["fit_seconds"] for m in runs), runs[0]["parameters"],
                          statistics.median(m["final_train_loss"] for m in runs),
                          statistics.median(m["best_val_loss"] for m in runs),
                          statistics.median(m["base_rate_val_loss"] for m in runs)))
     print(f"\n{args.epochs} full-batch epochs, medians of {args.repeats} runs\n")
     print(f"CPUs per worker: {args.cpus} / workers\n")
-    print("| trace set | rows | workers | epochs s | trainer.fit s | params | train loss | best val loss | base-rate loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| trace set | rows | workers | precision | epochs s | trainer.fit s | params | train loss | best val loss | "
+          "base-rate loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:,} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:,} | {r[6]:.4f} | {r[7]:.4f} | {r[8]:.4f} |")
 
