@@ -18,8 +18,7 @@ import pyarrow as pa
 
 from .config import DecodeConfig
 from .engine import generate
-from .errors import Learn2PDError
-from .traces import encode_checked
+from .traces import encode_rows
 
 RESULTS = pa.schema([("benchmark", pa.string()), ("gen_length", pa.int32()), ("example_id", pa.string()),
                      ("method", pa.string()), ("threshold", pa.float64()), ("completion", pa.string()),
@@ -63,14 +62,9 @@ def evaluate_examples(model, benchmark: str, rows: Sequence[dict], *, gen_length
     A row that cannot be decoded becomes an error row; the others go on."""
     from .evals import score_details, truncate
 
-    good, ids, errors = [], [], []
-    for r in rows:
-        try:
-            ids.append(encode_checked(model, r["prompt"], gen_length, chat))
-            good.append(r)
-        except Learn2PDError as e:
-            errors.append({"benchmark": benchmark, "gen_length": gen_length, "example_id": r["example_id"],
-                           "error": str(e)})
+    good, ids, failed = encode_rows(model, rows, gen_length, chat)
+    errors = [{"benchmark": benchmark, "gen_length": gen_length, "example_id": r["example_id"], "error": reason}
+              for r, reason in failed]
     out = []
     try:
         vanilla = None

@@ -40,17 +40,25 @@ def encode_checked(model, prompt, gen_length: int, chat: bool) -> list[int]:
     return ids
 
 
-def collect_batch(model, rows: Sequence[dict], *, gen_length: int, block_size: int, chat: bool = True,
-                  batch_size: int | None = None) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Collect EGP traces for rows {prompt_id, task, prompt}; bad rows become error rows, the rest go on."""
-    good, ids, errors = [], [], []
+def encode_rows(model, rows: Sequence[dict], gen_length: int, chat: bool | None):
+    """(decodable rows, their token ids, [(bad row, reason)]) for rows with a "prompt"."""
+    good, ids, failed = [], [], []
     for r in rows:
         try:
             ids.append(encode_checked(model, r["prompt"], gen_length, chat))
             good.append(r)
         except Learn2PDError as e:
-            errors.append({"prompt_id": r["prompt_id"], "task": r["task"],
-                           "prompt": r["prompt"] if isinstance(r["prompt"], str) else repr(r["prompt"]), "error": str(e)})
+            failed.append((r, str(e)))
+    return good, ids, failed
+
+
+def collect_batch(model, rows: Sequence[dict], *, gen_length: int, block_size: int, chat: bool = True,
+                  batch_size: int | None = None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Collect EGP traces for rows {prompt_id, task, prompt}; bad rows become error rows, the rest go on."""
+    good, ids, failed = encode_rows(model, rows, gen_length, chat)
+    errors = [{"prompt_id": r["prompt_id"], "task": r["task"],
+               "prompt": r["prompt"] if isinstance(r["prompt"], str) else repr(r["prompt"]), "error": reason}
+              for r, reason in failed]
     traces, refs = [], []
     if good:
         vanilla, egp = collect_egp(model, ids, gen_length, block_size, batch_size)
