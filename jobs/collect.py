@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
+from learn2pd_core.errors import run_cli  # noqa: E402
 from learn2pd_core import Learn2PDError, load_model, storage  # noqa: E402
 from learn2pd_core.placement import plan_actors  # noqa: E402
 from learn2pd_core.prompts import TINY_SOURCE, load_prompts  # noqa: E402
@@ -137,7 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Learn2PDError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
+from learn2pd_core.errors import run_cli  # noqa: E402
 from learn2pd_core import Learn2PDError, storage  # noqa: E402
 from learn2pd_core.evaluation import (aup_table, evaluate_examples, expand_methods, markdown, summarize,  # noqa: E402
                                       target_checks)
@@ -263,7 +264,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Learn2PDError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import collect  # noqa: E402
 import evaluate  # noqa: E402
 import train_filter  # noqa: E402
+from learn2pd_core.errors import run_cli  # noqa: E402
 from learn2pd_core import Learn2PDError, storage  # noqa: E402
 
 
@@ -116,7 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Learn2PDError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
+from learn2pd_core.errors import run_cli  # noqa: E402
 from learn2pd_core import FilterMLP, Learn2PDError, save_filter, storage  # noqa: E402
 from learn2pd_core.filter import commit_counts, commit_metrics, validation_prompts  # noqa: E402
 from learn2pd_core.report import loss_curve_png  # noqa: E402
@@ -316,7 +317,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Learn2PDError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -11,3 +11,12 @@ class ConfigError(Learn2PDError, ValueError):
 
 class ModelLoadError(Learn2PDError):
     """Model weights or tokenizer could not be loaded."""
+
+
+def run_cli(main) -> None:
+    """Run a job's main(); a Learn2PDError ends it with its one-line message (exit 1), not a traceback."""
+    import sys
+    try:
+        sys.exit(main())
+    except Learn2PDError as e:
+        sys.exit(f"error: {e}")
