@@ -255,8 +255,9 @@ def test_tiny_answers_score_correct_and_corrupted_fail():
 def test_tiny_limit_covers_tasks_evenly_with_stable_ids():
     from learn2pd_core.tiny.tasks import BENCHMARK_TASKS
     full = load_benchmark("tiny").examples
-    part = load_benchmark("tiny", limit=12, source="ignored", shots=5).examples
-    assert [e["example_id"] for e in part] == [e["example_id"] for e in full[:12]]
+    n = 2 * len(BENCHMARK_TASKS)
+    part = load_benchmark("tiny", limit=n, source="ignored", shots=5).examples
+    assert [e["example_id"] for e in part] == [e["example_id"] for e in full[:n]]
     assert sorted(json.loads(e["target"])["task"] for e in part) == sorted(BENCHMARK_TASKS * 2)
     assert load_benchmark("tiny", limit=7).examples == full[:7]
 

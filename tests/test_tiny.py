@@ -95,9 +95,9 @@ def test_scorer_accepts_reference_and_rejects_corruptions(task):
 
 
 def test_multi_answer_scorers_accept_other_valid_answers_and_reject_mixes():
-    ex = {"task": "letter_word", "answer": "aab", "prompt": "Word of 3 letters a/b with 1 b."}
-    assert all(tasks.score(ex, w) for w in ["aab", "aba", "baa"])
-    assert not any(tasks.score(ex, w) for w in ["aaa", "abb", "aac", "aaab"])
+    ex = {"task": "letter_word", "answer": "aaB", "prompt": "Word of 3 letters a/B with 1 B."}
+    assert all(tasks.score(ex, w) for w in ["aaB", "aBa", "Baa"])
+    assert not any(tasks.score(ex, w) for w in ["aaa", "aBB", "aab", "aac", "aaaB"])
     ex = {"task": "any_permutation", "answer": "abcd", "prompt": "Write any ordering of the letters abcd."}
     assert tasks.score(ex, "dcba") and not tasks.score(ex, "aabd")
     ex = {"task": "number_pick", "answer": "2 4 6", "prompt": "Pick 3 even numbers below 20."}
@@ -106,6 +106,9 @@ def test_multi_answer_scorers_accept_other_valid_answers_and_reject_mixes():
     ex = {"task": "simplify", "answer": "The final answer is $7x+3$", "prompt": "Simplify 3x+4x+3."}
     assert tasks.score(ex, "The final answer is $3 + 7x$")
     assert not tasks.score(ex, "The final answer is $7x - 3$")
+    ex = {"task": "simplify", "answer": "The final answer is $3y+4$", "prompt": "Simplify 5y-2y+4."}
+    assert tasks.score(ex, "The final answer is $4+3y$")
+    assert not tasks.score(ex, "The final answer is $3x+4$")  # the prompt's variable, not any letter
     ex = {"task": "word_problem", "answer": "#### 12", "prompt": "..."}
     assert tasks.score(ex, "5 + 7 = 12\n#### 12") and not tasks.score(ex, "#### 13\n#### 12")
 

@@ -1,8 +1,8 @@
 """`tiny`: the held-out benchmark family of the embedded tiny model (learn2pd_core.tiny.tasks), so the
 whole evaluation runs on CPU without downloads.
 
-Six task types (GSM8K/MATH/code stand-ins and multi-answer tasks). Without `limit`: 8 per task = 48
-examples; with `limit`: ceil(limit / 6) per task, interleaved task by task, so any prefix covers the task
+Five task types (GSM8K/MATH/code stand-ins and multi-answer tasks). Without `limit`: 8 per task = 40
+examples; with `limit`: ceil(limit / 5) per task, interleaved task by task, so any prefix covers the task
 types evenly. Prompts are the raw task prompts (the model applies its chat template); `source` and `shots`
 do not apply and are ignored. Ids ("tiny/<task>-0-<k>") do not depend on `limit`.
 """

@@ -109,13 +109,15 @@ def digit_string(rng):  # multi-answer; majority digit dominates every position'
 
 
 # ---------------------------------------------------------------- benchmark family
-# Terse, fixed-width prompts (single-digit fields, same-length keywords): a given answer character then
-# sits at a fixed distance from the prompt character it depends on, which a ~1M-parameter model learns
-# in minutes; free-form wording made it learn the formats but never the content (see MODEL_CARD.md).
-def word_problem(rng):  # GSM8K stand-in: worked single-digit steps, final '#### n'
+# Fixed-length prompts per task (single-digit fields, same-length keywords, a fixed number of steps):
+# the answer then starts at the same absolute position for every prompt of a task, and each answer
+# character sits at a fixed distance from the prompt character it depends on. With learned absolute
+# positions a ~1M-parameter model learns such copying in minutes; variable-length prompts shift the
+# answer and made it learn the formats but rarely the content (see MODEL_CARD.md).
+def word_problem(rng):  # GSM8K stand-in: two worked single-digit steps, final '#### n'
     x = rng.randint(1, 8)
     parts, steps = [f"Start {x}"], []
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(2):
         if (rng.random() < 0.5 or x < 2) and x < 9:
             d = rng.randint(1, 9 - x)
             parts.append(f"add {d}")
@@ -130,22 +132,28 @@ def word_problem(rng):  # GSM8K stand-in: worked single-digit steps, final '####
 
 
 def simplify(rng):  # MATH stand-in: collect like terms, answer 'The final answer is $ax+b$'
+    v = rng.choice("xyzn")
     while True:
-        xs = [rng.randint(1, 5) for _ in range(rng.randint(2, 3))]
-        if sum(xs) <= 9:
+        p, q, op = rng.randint(1, 9), rng.randint(1, 9), rng.choice("+-")
+        a = p + q if op == "+" else p - q
+        if 1 <= a <= 9:
             break
     c = rng.randint(1, 9)
-    a = sum(xs)
-    lhs = "+".join(f"{k}x" for k in xs)
-    return f"Simplify {lhs}+{c}.", f"{lhs}={a}x\nThe final answer is ${a}x+{c}$"
+    lhs = f"{p}{v}{op}{q}{v}"
+    return f"Simplify {lhs}+{c}.", f"{lhs}={a}{v}\nThe final answer is ${a}{v}+{c}$"
 
 
-STR_OPS = {"rev": lambda s: s[::-1], "upp": str.upper, "dup": lambda s: s + s}
+def _next_letter(s):
+    return "".join(chr((ord(ch) - ord("a" if ch.islower() else "A") + 1) % 26 + ord("a" if ch.islower() else "A"))
+                   for ch in s)
 
 
-def string_program(rng):  # code stand-in: run a described program, show each state
-    s = _word(rng, 3, 4)
-    ops = rng.sample(list(STR_OPS), rng.randint(1, 2))
+STR_OPS = {"rev": lambda s: s[::-1], "upp": str.upper, "nxt": _next_letter}  # length-preserving
+
+
+def string_program(rng):  # code stand-in: run a two-step program, show each state
+    s = _word(rng, 3, 3)
+    ops = rng.sample(list(STR_OPS), 2)
     lines, cur = [], s
     for op in ops:
         cur = STR_OPS[op](cur)
@@ -153,25 +161,22 @@ def string_program(rng):  # code stand-in: run a described program, show each st
     return f"Run {' '.join(ops)} on {s}.", "\n".join(lines + [f"#### {cur}"])
 
 
-def letter_word(rng):  # multi-answer; committing the majority letter everywhere at once breaks the count
+def letter_word(rng):  # multi-answer: aaB, aBa, Baa; committing the majority letter everywhere breaks it
+    # Three letters, one of them a capital: every position's majority letter has probability 2/3 (above
+    # τ = 0.5, below 0.9), and "the other two are lowercase, so this one is the capital" is a fixed-offset
+    # rule the model learns in budget (with 3-6 letters, or two lowercase letters, it never did).
     a, b = rng.sample(LETTERS, 2)
-    n = rng.randint(3, 6)
-    k = rng.randint(1, (n - 1) // 2) if n < 6 else 2
+    b = b.upper()
+    n, k = 3, 1
     pos = set(rng.sample(range(n), k))
     ans = "".join(b if i in pos else a for i in range(n))
     return f"Word of {n} letters {a}/{b} with {k} {b}.", ans
 
 
 def number_pick(rng):  # multi-answer
-    par, hi, k = rng.choice(["even", "odd "]), rng.randint(10, 99), rng.randint(2, 4)
-    pool = [x for x in range(1, hi) if x % 2 == (par == "odd ")]
+    par, hi, k = rng.choice(["even", "odd "]), rng.randint(20, 99), rng.randint(2, 4)
+    pool = [x for x in range(10, hi) if x % 2 == (par == "odd ")]  # two-digit: fixed-width answers
     return f"Pick {k} {par} numbers below {hi}.", " ".join(str(x) for x in sorted(rng.sample(pool, k)))
-
-
-def step_sequence(rng):  # long deterministic answers (up to ~100 chars)
-    a = rng.randint(10, 60)
-    b = a + rng.randint(3, 30)
-    return f"Count {a} to {b}.", " ".join(str(i) for i in range(a, b + 1))
 
 
 # ---------------------------------------------------------------- scorers
@@ -185,14 +190,15 @@ def _final_hash(ex, out):  # GSM8K strict match: first '#### value'
     return bool(m) and m.group(1).rstrip(".").replace(",", "") == gold
 
 
-def _parse_linear(s):
-    """'7x - 3' / '-3 + 7x' -> (7, -3); None if not a linear expression in x."""
+def _parse_linear(s, v="x"):
+    """'7x - 3' / '-3 + 7x' -> (7, -3); None if not a linear expression in the variable v."""
     s = s.replace(" ", "")
-    if not s or not re.fullmatch(r"([+-]?\d*x|[+-]?\d+)+", s):
+    term = rf"[+-]?\d*{v}|[+-]?\d+"
+    if not s or not re.fullmatch(rf"({term})+", s):
         return None
     a = b = 0
-    for t in re.findall(r"[+-]?\d*x|[+-]?\d+", s):
-        if t.endswith("x"):
+    for t in re.findall(term, s):
+        if t.endswith(v):
             c = t[:-1]
             a += int(c + "1") if c in ("", "+", "-") else int(c)
         else:
@@ -201,9 +207,10 @@ def _parse_linear(s):
 
 
 def _simplify_ok(ex, out):  # equivalence, not string match
+    v = re.search(r"Simplify \d+([a-z])", ex["prompt"]).group(1)
     m = re.search(r"final answer is \$([^$]*)\$", out)
-    gold = _parse_linear(re.search(r"final answer is \$([^$]*)\$", ex["answer"]).group(1))
-    return bool(m) and _parse_linear(m.group(1)) == gold
+    gold = _parse_linear(re.search(r"final answer is \$([^$]*)\$", ex["answer"]).group(1), v)
+    return bool(m) and _parse_linear(m.group(1), v) == gold
 
 
 def _letter_word_ok(ex, out):
@@ -244,7 +251,7 @@ INSTRUCTION = {f.__name__: f for f in [reverse_word, sort_letters, copy_list, co
                                        uppercase, repeat_pattern, count_up, first_letters, largest,
                                        word_length, any_permutation, two_letters, digit_string]}
 BENCHMARK = {f.__name__: f for f in [word_problem, simplify, string_program, letter_word,
-                                     number_pick, step_sequence]}
+                                     number_pick]}
 INSTRUCTION_TASKS = list(INSTRUCTION)
 BENCHMARK_TASKS = list(BENCHMARK)
 MULTI_ANSWER_TASKS = ["any_permutation", "two_letters", "digit_string", "letter_word", "number_pick"]

@@ -23,9 +23,9 @@ from transformers import XLMRobertaXLConfig, XLMRobertaXLForMaskedLM
 from .tasks import training_stream
 from .tokenizer import VOCAB_SIZE, build_tokenizer
 
-DEFAULTS = dict(hidden=128, layers=4, heads=4, inter=512, steps=5000, lr=1e-3, warmup=100,
-                benchmark_share=0.8, tokens_per_batch=3072, gen_lengths=(32, 64, 128, 256, 512, 1024),
-                gen_probs=(0.64, 0.1, 0.06, 0.12, 0.04, 0.04), eps=1e-3)
+DEFAULTS = dict(hidden=128, layers=4, heads=4, inter=512, steps=5600, lr=1e-3, warmup=100,
+                benchmark_share=0.9, tokens_per_batch=3072, gen_lengths=(32, 64, 128, 256, 512, 1024),
+                gen_probs=(0.78, 0.06, 0.04, 0.06, 0.03, 0.03), eps=1e-3)
 TINY = dict(hidden=32, layers=1, heads=2, inter=64, steps=40, lr=3e-3, warmup=5, benchmark_share=0.7,
             tokens_per_batch=1024, gen_lengths=(32, 64), gen_probs=(0.5, 0.5), eps=1e-3)
 
