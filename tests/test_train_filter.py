@@ -15,7 +15,7 @@ from learn2pd_core.traces import collect_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")
-FIT = ["--epochs", "300", "--lr", "3e-3", "--eval-every", "10", "--report-every", "100"]
+FIT = ["--epochs", "300", "--lr", "3e-3", "--eval-every", "10", "--report-every", "100", "--val-fraction", "0.25"]
 
 
 def train_filter(*args, check=True):
@@ -41,7 +41,7 @@ def model():
 @pytest.fixture(scope="module")
 def traces(model, tmp_path_factory):
     """EGP traces of the tiny model on instruction prompts (the collect job's own batch function)."""
-    rows = [{"prompt_id": e["id"], "task": e["task"], "prompt": e["prompt"]} for e in instruction_examples(2, seed=3)]
+    rows = [{"prompt_id": e["id"], "task": e["task"], "prompt": e["prompt"]} for e in instruction_examples(4, seed=3)]
     table, _, errors = collect_batch(model, rows, gen_length=64, block_size=32, batch_size=16)
     assert errors.num_rows == 0 and table.num_rows > len(rows)
     return write_traces(str(tmp_path_factory.mktemp("traces")), table)
