@@ -123,7 +123,17 @@ def ray_head():
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                     "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=180, env=env)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        # The job agent comes up after `ray start` returns; on a loaded 2-core machine the first submissions
+        # can get "No available agent to submit job". Wait for it with a no-op job (up to ~2 minutes).
+        import time
+        for _ in range(24):
+            probe = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+                                   capture_output=True, text=True, timeout=120, env=env)
+            if probe.returncode == 0 or "No available agent" not in probe.stdout + probe.stderr:
+                break
+            time.sleep(5)
+        yield address, env
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
