@@ -143,9 +143,8 @@ def simplify(rng):  # MATH stand-in: collect like terms, answer 'The final answe
     return f"Simplify {lhs}+{c}.", f"{lhs}={a}{v}\nThe final answer is ${a}{v}+{c}$"
 
 
-def _next_letter(s):
-    return "".join(chr((ord(ch) - ord("a" if ch.islower() else "A") + 1) % 26 + ord("a" if ch.islower() else "A"))
-                   for ch in s)
+def _next_letter(s):  # a -> b, z -> a, keeping case
+    return "".join(chr((ord(ch) - base + 1) % 26 + base) for ch in s for base in [ord("a" if ch.islower() else "A")])
 
 
 STR_OPS = {"rev": lambda s: s[::-1], "upp": str.upper, "nxt": _next_letter}  # length-preserving
