@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from collect import CollectActor, write_batch  # noqa: E402
 from learn2pd_core import load_model  # noqa: E402
+from learn2pd_core.placement import plan_actors  # noqa: E402
 from learn2pd_core.prompts import load_prompts  # noqa: E402
 
 
@@ -51,14 +52,15 @@ def main():
              runtime_env={"env_vars": {"PYTHONPATH": os.path.abspath(JOBS)}})
     init_s = time.perf_counter() - start
     for n in map(int, args.actors.split(",")):
+        _, cpus, _ = plan_actors(ray.cluster_resources(), 0, n)   # the job's own CPU placement
         start = time.perf_counter()
         out = ray.data.from_items(rows).map_batches(
-            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=1,
+            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus,
             fn_constructor_kwargs=dict(model=args.model, output=f"{tmp}/ray{n}", gen_length=args.gen_length,
                                        block_size=args.block_size, chat=True)).take_all()
         wall = time.perf_counter() - start
         # Actors load their replicas in parallel: one model load is the start-up share of this wall time.
-        results.append(("ray job", n, wall - load_s, load_s, sum(o["trace_rows"] for o in out)))
+        results.append((f"ray job ({cpus} CPU each)", n, wall - load_s, load_s, sum(o["trace_rows"] for o in out)))
     shutil.rmtree(tmp)
 
     print(f"\n{len(rows)} prompts, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}; "

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--block-size", type=int, default=32, help="block size; the filter's input width (default 32)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per actor batch, decoded together (default 16)")
     ap.add_argument("--num-actors", type=int, default=None,
-                    help="model replicas, one per actor (default: one per GPU, or one per CPU on a CPU-only cluster)")
+                    help="model replicas, one per actor (default: one per GPU, or one per CPU on a CPU-only cluster, where the "
+                         "actors split the CPUs evenly: each reserves CPUs // actors, its torch thread count)")
     ap.add_argument("--gpus-per-actor", type=float, default=None,
                     help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     ap.add_argument("--raw-prompts", action="store_true",
@@ -108,11 +109,11 @@ def main(argv=None) -> int:
 
     if pending:
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-        gpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
+        gpus, cpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
         ds = ray.data.from_items(pending)
         summary = ds.map_batches(
             CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus, num_cpus=1 if not gpus else None,
+            num_gpus=gpus, num_cpus=cpus,
             fn_constructor_kwargs=dict(model=args.model, output=args.output, gen_length=args.gen_length,
                                        block_size=args.block_size, chat=not args.raw_prompts)).take_all()
         print(f"this run: {sum(s['prompts'] for s in summary)} prompts, "

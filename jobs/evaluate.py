@@ -60,7 +60,7 @@ def parse_args(argv=None):
                     help="examples per benchmark at gen lengths above 256 (default: --limit, and 6 for the tiny model "
                          "on CPU); vanilla costs one forward pass per token, so long generations dominate a CPU run")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per actor batch, decoded together (default 16)")
-    ap.add_argument("--num-actors", type=int, help="model replicas (default: one per GPU, or one per CPU)")
+    ap.add_argument("--num-actors", type=int, help="model replicas (default: one per GPU, or one per CPU; CPU actors split the CPUs evenly)")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     ap.add_argument("--raw-prompts", action="store_true", help="tokenise prompts without the model's chat template")
     ap.add_argument("--output", default="runs/evaluate", help="local directory or s3://bucket/prefix (default runs/evaluate)")
@@ -246,10 +246,10 @@ def main(argv=None) -> int:
           f"{len(pending)} to decode", flush=True)
     if pending:
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-        gpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
+        gpus, cpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
         counts = ray.data.from_items(chunks(pending, args.batch_size, actors)).map_batches(
             EvaluateActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus, num_cpus=1 if not gpus else None,
+            num_gpus=gpus, num_cpus=cpus,
             fn_constructor_kwargs=dict(model=args.model, filter=filter_uri, output=args.output, methods=methods,
                                        block_size=args.block_size, chat=False if args.raw_prompts else None,
                                        batch_size=args.batch_size)).take_all()

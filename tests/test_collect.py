@@ -148,3 +148,12 @@ sys.exit(collect.main(sys.argv[1:]))
     assert marker.exists()
     refs = rows(out, "references")
     assert sorted(r["prompt_id"] for r in refs) == sorted({r["prompt_id"] for r in refs}) and len(refs) == 8
+
+
+def test_actor_placement_splits_cpus_and_gpus():
+    from learn2pd_core.placement import plan_actors
+    assert plan_actors({"CPU": 2.0}, None, None) == (0, 2 // 2, 2)      # one actor per CPU
+    assert plan_actors({"CPU": 2.0}, None, 1) == (0, 2, 1)              # a lone CPU actor gets both threads
+    assert plan_actors({"CPU": 16.0}, None, 3) == (0, 5, 3)
+    assert plan_actors({"CPU": 32.0, "GPU": 4.0}, None, None) == (1, None, 4)
+    assert plan_actors({"CPU": 32.0, "GPU": 4.0}, 0.5, None) == (0.5, None, 8)
