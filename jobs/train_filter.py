@@ -2,7 +2,8 @@
 
 Ray Data reads the trace Parquet, drops rows with non-finite confidences (and says how many), splits by
 prompt into train and validation, and hands each TorchTrainer worker its shard. Workers hold their shard
-in memory and run full-batch (or --batch-size) AdamW on BCE-with-logits; DDP averages the gradients, so
+in memory and run full-batch (or --batch-size) AdamW on BCE-with-logits with the filter's written-out
+gradient (learn2pd_core.filter.bce_gradients); one all-reduce per step sums the workers' gradients, so
 N workers fit the same filter as one. Every --eval-every epochs the global train/validation losses are
 recorded; every --report-every epochs they go to ray.train.report with a checkpoint that carries the best
 filter so far, so an interrupted run resumes from the latest one. --output receives filter.safetensors + filter.json (shape, default tau, the traces' manifest),
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from learn2pd_core.errors import run_cli  # noqa: E402
 from learn2pd_core import FilterMLP, Learn2PDError, save_filter, storage  # noqa: E402
-from learn2pd_core.filter import commit_counts, commit_metrics, validation_prompts  # noqa: E402
+from learn2pd_core.filter import FitRows, bce_gradients, commit_counts, commit_metrics, validation_prompts  # noqa: E402
 from learn2pd_core.report import loss_curve_png  # noqa: E402
 
 TAUS = (0.9, 0.96, 0.99)
@@ -43,9 +44,11 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=0, help="rows per step per worker; 0 = full batch (default)")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel, default 1)")
     ap.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    ap.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (= torch threads) per worker (default 1)")
+    ap.add_argument("--cpus-per-worker", type=int, default=None,
+                    help="CPUs (= torch threads) per worker (default: the cluster's CPUs split evenly over the workers)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="matmul precision of the fit: bf16 autocast (weights, optimizer and loss stay fp32) or fp32; "
+                    help="precision of the epochs' passes over the rows: bf16 or fp32 (weights, optimizer state and the "
+                         "reported losses stay fp32); "
                          "auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out for validation")
     ap.add_argument("--threshold", type=float, default=0.96, help="default tau stored with the filter (paper: 0.96)")
@@ -143,36 +146,34 @@ def train_loop(cfg: dict):
         filt.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         start, history, best = saved["epoch"], saved["history"], saved["best"]
-    model = ray.train.torch.prepare_model(filt) if world > 1 else filt   # DDP averages gradients across workers
     bce = nn.functional.binary_cross_entropy_with_logits
     full_batch = not cfg["batch_size"] or cfg["batch_size"] >= len(x)
     bs = len(x) if full_batch else cfg["batch_size"]
     steps = torch.tensor([-(-len(x) // max(bs, 1))], device=device)
-    if world > 1:   # every worker takes the same number of steps per epoch (DDP collectives must match)
+    if world > 1:   # every worker takes the same number of steps per epoch (the all-reduces must match)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     steps = max(int(steps.item()), 1)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-
-    def backward(idx):
-        # Full-batch epochs are a few 32-wide matmuls over every row plus elementwise passes, so: matmuls in
-        # bf16 where the hardware has it (~2x), and the gradient of the summed BCE-with-logits written out,
-        # sigmoid(z) - y, instead of autograd through the loss: the loss value itself (a log-sigmoid pass
-        # over every element) is only needed on evaluation epochs.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = model(x[idx])
-        # Normalised by the global element count (times world, because DDP averages gradients): every step
-        # follows the gradient of one global mean, however the rows are sharded.
-        denom = n_train if full_batch else world * bs * cfg["block_size"]
-        grad = torch.sigmoid(z.float()).sub_(y[idx]).mul_(world / max(denom, 1.0))
-        z.backward(grad.to(z.dtype))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    full_rows = FitRows(x, y, dtype) if full_batch else None   # prepared once, reused by every epoch
+    # Gradients are summed across workers and scaled by the global element count, so every step follows
+    # the gradient of one global mean however the rows are sharded: N workers fit the same filter as one.
+    scale = 1.0 / max(n_train if full_batch else world * bs * cfg["block_size"], 1.0)
+    params = list(filt.parameters())
 
     t0 = time.perf_counter()
     for epoch in range(start + 1, cfg["epochs"] + 1):
         order = None if full_batch else torch.randperm(len(x), generator=gen).to(device)
         for s in range(steps):
-            idx = slice(None) if full_batch else order[(s * bs) % max(len(x), 1):][:bs]
-            opt.zero_grad(set_to_none=True)
-            backward(idx)
+            if full_batch:
+                bce_gradients(filt, full_rows, scale)
+            else:
+                idx = order[(s * bs) % max(len(x), 1):][:bs]
+                bce_gradients(filt, FitRows(x[idx], y[idx], dtype), scale)
+            if world > 1:   # one all-reduce of the 2,112 gradients (what DDP would do, without its hooks)
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat)
+                torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
             opt.step()
         last = epoch == cfg["epochs"]
         if epoch % cfg["eval_every"] and not last:
@@ -219,7 +220,7 @@ def fingerprint(args, manifest: dict, block_size: int) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     for name in ("epochs", "layers", "num_workers", "cpus_per_worker"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise Learn2PDError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0 or args.batch_size < 0 or (args.hidden is not None and args.hidden < 1):
         raise Learn2PDError("--lr must be > 0, --batch-size >= 0 (0 = full batch), --hidden >= 1")
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     traces_uri, manifest = trace_source(args.traces)
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.num_workers)
     fs, path = storage.resolve(traces_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["prompt_id", "confidence", "correct", "masked"])
 
@@ -265,10 +267,10 @@ def main(argv=None) -> int:
         train_loop,
         train_loop_config=dict(block_size=block_size, hidden=args.hidden, layers=args.layers, lr=args.lr,
                                epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, use_gpu=args.use_gpu,
-                               eval_every=eval_every, report_every=report_every, threads=args.cpus_per_worker,
+                               eval_every=eval_every, report_every=report_every, threads=cpus,
                                precision=args.precision),
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
-                                               resources_per_worker={"CPU": args.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cpus}),
         # Materialised before training: the workers may hold every CPU, leaving none for Ray Data tasks.
         datasets={"train": ds.map_batches(split_rows(val_ids, False), batch_format="pyarrow").materialize(),
                   "val": ds.map_batches(split_rows(val_ids, True), batch_format="pyarrow").materialize()},

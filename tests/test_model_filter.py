@@ -85,6 +85,24 @@ def test_remote_code_is_never_run_without_consent(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_written_out_gradient_equals_autograd(layers):
+    # The fit's hand-written backward pass against autograd through the plain loss (mean BCE-with-logits).
+    from learn2pd_core.filter import FitRows, bce_gradients, filter_loss
+    g = torch.Generator().manual_seed(layers)
+    conf, correct = torch.rand(500, 8, generator=g), torch.rand(500, 8, generator=g) < 0.3
+    torch.manual_seed(layers)
+    filt = FilterMLP(8, 6, layers)
+    filter_loss(filt, conf, correct).backward()
+    expected = [p.grad.clone() for p in filt.parameters()]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        filt.zero_grad()
+        bce_gradients(filt, FitRows(conf, correct, dtype), 1.0 / correct.numel())
+        for p, want in zip(filt.parameters(), expected):
+            assert p.grad.shape == want.shape and p.grad.dtype == torch.float32
+            assert (p.grad - want).abs().max() <= tol * want.abs().max(), (dtype, p.shape)
+
+
 def test_fit_filter_learns_a_confidence_rule():
     # Oracle flags that depend on confidence (and on the neighbour): the fit must beat the base rate.
     g = torch.Generator().manual_seed(0)
