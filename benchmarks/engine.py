@@ -57,6 +57,9 @@ def main(argv=None):
     if len(sizes) > 1 and ("vanilla", sizes[0]) in by:
         ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
         print(f"\nvanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
+    for bs in sizes:   # the policies' own bookkeeping (confidence, filter, selection) against the whole step
+        worst = max((r for r in rows if r["batch"] == bs), key=lambda r: r["policy"])
+        print(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time ({worst['method']})")
 
 
 def _spread(examples, n):

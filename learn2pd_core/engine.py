@@ -112,7 +112,6 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
     eos_ids = torch.tensor(model.eos_token_ids, device=dev)
     eos_fill = model.eos_token_ids[0]
     filt = cfg.filter.to(dev) if cfg.policy == "learn2pd" else None
-    filt_dtype = next(filt.parameters()).dtype if filt is not None else None
     tau = cfg.tau
     generators = [torch.Generator(device=dev).manual_seed(_row_seed(cfg.seed, p)) for p in prompts] \
         if cfg.temperature > 0 else None
@@ -159,7 +158,7 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
             pred = target                                              # EGP writes reference tokens only
         else:  # learn2pd
             k = schedule[rows, step[rows].clamp(max=spb - 1)].clamp(min=1)
-            commit = policies.learn2pd_rule(conf, masked, filt(conf.to(filt_dtype)), tau, k)
+            commit = policies.learn2pd_rule(conf, masked, filt, tau, k)
         x[rows[:, None], pos] = torch.where(commit, pred, current)
         n_commit = commit.sum(dim=1)
         if bool((n_commit == 0).any()):   # every rule commits >= 1 per step; without it decoding never ends

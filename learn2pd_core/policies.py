@@ -48,6 +48,8 @@ def egp_rule(confidence, masked, predicted, reference):
     return match | (_at_least_one(confidence, masked) & ~match.any(dim=-1, keepdim=True))
 
 
-def learn2pd_rule(confidence, masked, filter_logits, tau: float, k: torch.Tensor):
-    """Learn2PD: masked positions the filter accepts (sigmoid > τ), together with the vanilla top-k."""
-    return (masked & (torch.sigmoid(filter_logits) > tau)) | top_k(confidence, masked, k)
+def learn2pd_rule(confidence, masked, filt, tau: float, k: torch.Tensor):
+    """Learn2PD: masked positions the filter accepts (sigmoid(filter(confidence)) > τ), together with the
+    vanilla top-k. `filt` maps [R, S] confidences to [R, S] logits (a FilterMLP)."""
+    logits = filt(confidence.to(next(filt.parameters()).dtype))
+    return (masked & (torch.sigmoid(logits) > tau)) | top_k(confidence, masked, k)
