@@ -1,11 +1,14 @@
 """Collect-job benchmark: the Ray job (1 and 2 actors) against a plain loop calling the engine on the same
 prompts, with the same per-batch code and outputs. Ray start-up and model loading are reported apart.
 
-    python benchmarks/collect_job.py [--prompts 64] [--gen-length 256] [--batch-size 16] [--actors 1,2]
+    python benchmarks/collect_job.py [--prompts 64] [--gen-length 256] [--batch-size 16] [--actors 1,2] [--repeats 3]
+
+Times are medians of --repeats runs (each into a fresh output directory).
 """
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +31,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--actors", default="1,2")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     rows = load_prompts(per_task=64, limit=None)
     rows = [rows[i] for i in range(0, len(rows), max(1, len(rows) // args.prompts))][:args.prompts]
@@ -38,11 +42,14 @@ def main():
     start = time.perf_counter()
     model = load_model(args.model)
     load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    n_rows = 0
-    for i in range(0, len(rows), args.batch_size):
-        n_rows += write_batch(model, rows[i:i + args.batch_size], f"{tmp}/plain", **settings)["trace_rows"][0]
-    plain_s = time.perf_counter() - start
+    walls = []
+    for r in range(args.repeats):
+        start = time.perf_counter()
+        n_rows = 0
+        for i in range(0, len(rows), args.batch_size):
+            n_rows += write_batch(model, rows[i:i + args.batch_size], f"{tmp}/plain{r}", **settings)["trace_rows"][0]
+        walls.append(time.perf_counter() - start)
+    plain_s = statistics.median(walls)
     results.append(("plain loop", "-", plain_s, load_s, n_rows))
 
     import ray
@@ -53,18 +60,21 @@ def main():
     init_s = time.perf_counter() - start
     for n in map(int, args.actors.split(",")):
         _, cpus, _ = plan_actors(ray.cluster_resources(), 0, n)   # the job's own CPU placement
-        start = time.perf_counter()
-        out = ray.data.from_items(rows).map_batches(
-            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus,
-            fn_constructor_kwargs=dict(model=args.model, output=f"{tmp}/ray{n}", gen_length=args.gen_length,
-                                       block_size=args.block_size, chat=True)).take_all()
-        wall = time.perf_counter() - start
-        # Actors load their replicas in parallel: one model load is the start-up share of this wall time.
-        results.append((f"ray job ({cpus} CPU each)", n, wall - load_s, load_s, sum(o["trace_rows"] for o in out)))
+        walls = []
+        for r in range(args.repeats):
+            start = time.perf_counter()
+            out = ray.data.from_items(rows).map_batches(
+                CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus,
+                fn_constructor_kwargs=dict(model=args.model, output=f"{tmp}/ray{n}-{r}", gen_length=args.gen_length,
+                                           block_size=args.block_size, chat=True)).take_all()
+            # Actors load their replicas in parallel: one model load is the start-up share of this wall time.
+            walls.append(time.perf_counter() - start - load_s)
+        results.append((f"ray job ({cpus} CPU each)", n, statistics.median(walls), load_s,
+                        sum(o["trace_rows"] for o in out)))
     shutil.rmtree(tmp)
 
     print(f"\n{len(rows)} prompts, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}; "
-          f"Ray start-up {init_s:.1f}s (excluded)\n")
+          f"Ray start-up {init_s:.1f}s (excluded); medians of {args.repeats} runs\n")
     print("| run | actors | decode+write s | model load s | prompts/s | trace rows/s | wall ratio vs plain |")
     print("|---|---|---|---|---|---|---|")
     for name, n, secs, load, trace_rows in results:
