@@ -1,5 +1,5 @@
-"""Collect-job benchmark: the Ray job (1 and 2 actors) against a plain loop calling the engine on the same
-prompts, with the same per-batch code and outputs. Ray start-up and model loading are reported apart.
+"""Collect-job benchmark: the Ray job's own actor pool (1 and 2 actors) against a plain loop calling the engine
+on the same prompts, with the same per-batch code and outputs. Ray start-up and model loading are reported apart.
 
     python benchmarks/collect_job.py [--prompts 64] [--gen-length 256] [--batch-size 16] [--actors 1,2] [--repeats 3]
 
@@ -17,7 +17,7 @@ JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs")
 sys.path.insert(0, JOBS)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from collect import CollectActor, write_batch  # noqa: E402
+from collect import collect_with_actors, write_batch  # noqa: E402
 from learn2pd_core import load_model  # noqa: E402
 from learn2pd_core.placement import plan_actors  # noqa: E402
 from learn2pd_core.prompts import load_prompts  # noqa: E402
@@ -59,14 +59,13 @@ def main():
              runtime_env={"env_vars": {"PYTHONPATH": os.path.abspath(JOBS)}})
     init_s = time.perf_counter() - start
     for n in map(int, args.actors.split(",")):
-        _, cpus, _ = plan_actors(ray.cluster_resources(), 0, n)   # the job's own CPU placement
+        cpus = plan_actors(ray.cluster_resources(), 0, n)[1]   # what the job gives each actor, for the label
         walls = []
         for r in range(args.repeats):
             start = time.perf_counter()
-            out = ray.data.from_items(rows).map_batches(
-                CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus,
-                fn_constructor_kwargs=dict(model=args.model, output=f"{tmp}/ray{n}-{r}", gen_length=args.gen_length,
-                                           block_size=args.block_size, chat=True)).take_all()
+            out = collect_with_actors(rows, f"{tmp}/ray{n}-{r}", model=args.model, gen_length=args.gen_length,
+                                      block_size=args.block_size, chat=True, batch_size=args.batch_size,
+                                      num_actors=n, gpus_per_actor=0)
             # Actors load their replicas in parallel: one model load is the start-up share of this wall time.
             walls.append(time.perf_counter() - start - load_s)
         results.append((f"ray job ({cpus} CPU each)", n, statistics.median(walls), load_s,

@@ -74,6 +74,18 @@ class CollectActor:
         return write_batch(self.model, rows, self.output, **self.settings)
 
 
+def collect_with_actors(rows: list[dict], output: str, *, model: str, gen_length: int, block_size: int, chat: bool,
+                        batch_size: int, num_actors: int | None = None, gpus_per_actor: float | None = None) -> list[dict]:
+    """Ray Data shards `rows` over a pool of CollectActors placed by plan_actors; one summary per batch."""
+    import ray
+    gpus, cpus, actors = plan_actors(ray.cluster_resources(), gpus_per_actor, num_actors)
+    return ray.data.from_items(rows).map_batches(
+        CollectActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus, num_cpus=cpus,
+        fn_constructor_kwargs=dict(model=model, output=output, gen_length=gen_length, block_size=block_size,
+                                   chat=chat)).take_all()
+
+
 def finished_prompt_ids(output: str) -> set[str]:
     """Prompts with a reference or an error row; trace parts of unfinished batches are removed."""
     done = set()
@@ -109,13 +121,10 @@ def main(argv=None) -> int:
 
     if pending:
         ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-        gpus, cpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
-        ds = ray.data.from_items(pending)
-        summary = ds.map_batches(
-            CollectActor, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus, num_cpus=cpus,
-            fn_constructor_kwargs=dict(model=args.model, output=args.output, gen_length=args.gen_length,
-                                       block_size=args.block_size, chat=not args.raw_prompts)).take_all()
+        summary = collect_with_actors(pending, args.output, model=args.model, gen_length=args.gen_length,
+                                      block_size=args.block_size, chat=not args.raw_prompts,
+                                      batch_size=args.batch_size, num_actors=args.num_actors,
+                                      gpus_per_actor=args.gpus_per_actor)
         print(f"this run: {sum(s['prompts'] for s in summary)} prompts, "
               f"{sum(s['trace_rows'] for s in summary)} trace rows, {sum(s['errors'] for s in summary)} failures",
               flush=True)

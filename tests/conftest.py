@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM
@@ -70,7 +72,6 @@ def s3_server():
     import socket
     import subprocess
     import sys
-    import time
 
     import boto3
 
@@ -127,7 +128,6 @@ def ray_head():
     try:
         # The job agent comes up after `ray start` returns; on a loaded 2-core machine the first submissions
         # can get "No available agent to submit job". Wait for it with a no-op job (up to ~2 minutes).
-        import time
         for _ in range(24):
             probe = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "pass"],
                                    capture_output=True, text=True, timeout=120, env=env)

@@ -144,7 +144,11 @@ def simplify(rng):  # MATH stand-in: collect like terms, answer 'The final answe
 
 
 def _next_letter(s):  # a -> b, z -> a, keeping case
-    return "".join(chr((ord(ch) - base + 1) % 26 + base) for ch in s for base in [ord("a" if ch.islower() else "A")])
+    out = []
+    for ch in s:
+        base = ord("a" if ch.islower() else "A")
+        out.append(chr((ord(ch) - base + 1) % 26 + base))
+    return "".join(out)
 
 
 STR_OPS = {"rev": lambda s: s[::-1], "upp": str.upper, "nxt": _next_letter}  # length-preserving
