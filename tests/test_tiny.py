@@ -147,3 +147,36 @@ def test_training_script_reduces_loss(tmp_path):
     model3, _, _ = train(None, seed=1000, tiny=True, log_every=10**9, steps=3)
     for p, q in zip(model2.parameters(), model3.parameters()):
         assert torch.equal(p, q)
+
+
+def test_semi_autoregressive_masks_match_block_decoding():
+    from learn2pd_core.tiny.train import encode_batch, sample_mask
+    tok = build_tokenizer()
+    ids, _, resp = encode_batch(tok, [("Count up.", "x" * 70), ("Hi.", "yy"), ("Copy ab.", "ab")] * 20, 256)
+    start = int(resp[0].nonzero()[0])
+    gen = torch.Generator().manual_seed(0)
+    masked, t = sample_mask(ids, resp, tok.eos_token_id, 1e-3, semi_ar_share=1.0, gen=gen)
+    seen_k = set()
+    for r in range(ids.shape[0]):
+        m, tr = masked[r, start:], t[r, start:]
+        blocks = m.view(-1, 32)
+        k = int((tr.view(-1, 32)[:, 0] < 1).sum()) - 1  # the block being decoded: ratio t < 1
+        assert (tr[:32 * (k + 1)] == tr[0]).all() and (tr[32 * (k + 1):] == 1).all()
+        assert not blocks[:k].any()            # earlier blocks decoded: visible
+        assert blocks[k + 1:].all()            # later blocks: all masked, weight 1/t with t = 1
+        first_eos = 70 if r % 3 == 0 else 2
+        assert k <= first_eos // 32            # only blocks that decide something
+        seen_k.add(k)
+    assert seen_k == {0, 1, 2}
+    # share 0: LLaDA's uniform mask, one ratio per row, masked tokens only in the response
+    masked0, t0 = sample_mask(ids, resp, tok.eos_token_id, 1e-3, semi_ar_share=0.0,
+                              gen=torch.Generator().manual_seed(0))
+    assert not masked0[:, :start].any() and (t0 == t0[:, :1]).all()
+    frac = masked0[:, start:].float().mean(1)
+    assert torch.corrcoef(torch.stack([frac, t0[:, 0]]))[0, 1] > 0.95
+
+
+def test_training_stream_task_weights():
+    names = lambda w: [p.split()[0] for p, _ in tasks.training_examples(3000, 1000, 1.0, w)]
+    plain, heavy = names(None).count("Word"), names({"letter_word": 3.0}).count("Word")
+    assert 500 < plain < 700 and 1150 < heavy < 1350   # 1/5 vs 3/7 of benchmark pairs

@@ -296,16 +296,21 @@ def benchmark_examples(per_task: int, seed: int = 0) -> list[dict]:
     return _examples(BENCHMARK, "benchmark", per_task, seed)
 
 
-def training_stream(seed: int = 1000, benchmark_share: float = 0.7):
-    """Endless (prompt, answer) SFT pairs from both families, never from the held-out pool."""
-    rng = random.Random(seed)
+def training_stream(seed: int = 1000, benchmark_share: float = 0.7, task_weights: dict | None = None):
+    """Endless (prompt, answer) SFT pairs from both families, never from the held-out pool.
+
+    task_weights: relative sampling weight per task name within its family (default 1)."""
+    rng, w = random.Random(seed), task_weights or {}
     while True:
         tasks = BENCHMARK if rng.random() < benchmark_share else INSTRUCTION
-        prompt, answer = tasks[rng.choice(list(tasks))](rng)
+        names = list(tasks)
+        name = rng.choices(names, [w.get(n, 1.0) for n in names])[0] if w else rng.choice(names)
+        prompt, answer = tasks[name](rng)
         if not held_out(prompt):
             yield prompt, answer
 
 
-def training_examples(n: int, seed: int = 1000, benchmark_share: float = 0.7) -> list[tuple]:
-    stream = training_stream(seed, benchmark_share)
+def training_examples(n: int, seed: int = 1000, benchmark_share: float = 0.7,
+                      task_weights: dict | None = None) -> list[tuple]:
+    stream = training_stream(seed, benchmark_share, task_weights)
     return [next(stream) for _ in range(n)]

@@ -8,6 +8,8 @@ up to a generation length L. Each response token (padding included) is masked wi
 t ~ U(eps, 1) per sequence; loss = CE on masked tokens / t, summed and divided by L per sequence.
 L varies per batch (64 ... 1024, fixed token budget per batch) so the model learns to predict
 end-of-text padding however far out the decoder asks, at a fraction of the cost of always 1024.
+Options off by default (the defaults reproduce the shipped checkpoint): --semi-ar-share (rows masked
+the way block decoding sees them) and --task-weight TASK=W (see MODEL_CARD.md, point 7).
 """
 import argparse
 import json
@@ -20,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from transformers import XLMRobertaXLConfig, XLMRobertaXLForMaskedLM
 
-from .tasks import training_stream
+from .tasks import BENCHMARK_TASKS, INSTRUCTION_TASKS, training_stream
 from .tokenizer import VOCAB_SIZE, build_tokenizer
 
 DEFAULTS = dict(hidden=128, layers=4, heads=4, inter=512, steps=5600, lr=1e-3, warmup=100,
                 benchmark_share=0.9, tokens_per_batch=3072, gen_lengths=(32, 64, 128, 256, 512, 1024),
-                gen_probs=(0.78, 0.06, 0.04, 0.06, 0.03, 0.03), eps=1e-3)
+                gen_probs=(0.78, 0.06, 0.04, 0.06, 0.03, 0.03), eps=1e-3,
+                semi_ar_share=0.0, task_weights=None)
 TINY = dict(hidden=32, layers=1, heads=2, inter=64, steps=40, lr=3e-3, warmup=5, benchmark_share=0.7,
-            tokens_per_batch=1024, gen_lengths=(32, 64), gen_probs=(0.5, 0.5), eps=1e-3)
+            tokens_per_batch=1024, gen_lengths=(32, 64), gen_probs=(0.5, 0.5), eps=1e-3,
+            semi_ar_share=0.5, task_weights=None)
 
 
 MAX_POSITIONS = 1400  # prompt (<= ~150 chars) + 1024 generated tokens + RoBERTa's pad offset
@@ -69,17 +73,39 @@ def encode_batch(tok, pairs, gen_length):
     return ids, attn, resp_mask
 
 
-def diffusion_loss(model, ids, attn, resp_mask, mask_id, eps, gen=None):
-    b = ids.shape[0]
-    # stratified t across the batch (same marginal U(eps, 1), lower-variance gradient)
+def sample_mask(ids, resp_mask, eos_id, eps, semi_ar_share=0.0, block=32, gen=None):
+    """Which response tokens to mask, and each token's mask ratio t (the loss weight is 1/t).
+
+    LLaDA's SFT mask: every response token masked with probability t ~ U(eps, 1), one t per row,
+    stratified across the batch (same marginal, lower-variance gradient).
+    A `semi_ar_share` of rows instead get the mask semi-autoregressive decoding shows the model:
+    blocks before a block k fully visible, block k masked with ratio t, every later block masked
+    (ratio 1). Uniform masks almost never show 'answer nearly done, the next 200 tokens all masked',
+    which is exactly the state of block 0 at gen_length 256; k is drawn among the blocks that hold
+    the answer and its first end-of-text, the blocks where decoding decides anything."""
+    b, T = ids.shape
     u = (torch.rand(1, generator=gen) + torch.arange(b).unsqueeze(1) / b) % 1
-    t = eps + (1 - eps) * u
+    t = (eps + (1 - eps) * u).expand(b, T).clone()
     masked = resp_mask & (torch.rand(ids.shape, generator=gen) < t)
+    if semi_ar_share > 0:
+        start = int(resp_mask[0].nonzero()[0])  # prompts are left-padded: one response start
+        pos = torch.arange(T) - start
+        first_eos = ((ids == eos_id) & resp_mask).float().argmax(1)
+        k = (torch.rand(b, generator=gen) * (first_eos - start).div(block, rounding_mode="floor").add(1)).floor()
+        semi = (torch.rand(b, generator=gen) < semi_ar_share).unsqueeze(1)
+        before, after = pos < k.unsqueeze(1) * block, pos >= (k.unsqueeze(1) + 1) * block
+        masked = torch.where(semi, resp_mask & ~before & (masked | after), masked)
+        t = torch.where(semi & after, torch.ones_like(t), t)
+    return masked, t
+
+
+def diffusion_loss(model, ids, attn, resp_mask, mask_id, eps, gen=None, eos_id=None, semi_ar_share=0.0):
+    masked, t = sample_mask(ids, resp_mask, eos_id, eps, semi_ar_share, gen=gen)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     logits = model(input_ids=noisy, attention_mask=attn).logits
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
     w = torch.zeros(ids.shape)
-    w[masked] = ce / t.expand_as(ids)[masked]
+    w[masked] = ce / t[masked]
     return (w.sum(1) / resp_mask.sum(1)).mean()
 
 
@@ -88,7 +114,8 @@ def batches(tok, hp, seed, groups=4):
 
     Draws `groups` batches' worth of pairs at once and sorts them by length, so little compute
     goes to prompt padding or to stretching L for one long answer."""
-    rng, stream = random.Random(seed), training_stream(seed, hp["benchmark_share"])
+    rng = random.Random(seed)
+    stream = training_stream(seed, hp["benchmark_share"], hp.get("task_weights"))
     while True:
         gl0 = rng.choices(hp["gen_lengths"], hp["gen_probs"])[0]
         bs = max(2, hp["tokens_per_batch"] // (gl0 + 64))
@@ -106,6 +133,7 @@ def fixed_eval_loss(model, tok, hp, seed=1, n=4):
     """Loss on fixed batches with fixed masks: comparable across training steps."""
     gen, it = torch.Generator().manual_seed(seed), batches(tok, hp, seed + 10_000)
     model.eval()
+    # always LLaDA's uniform mask, so the figure compares across recipes
     loss = sum(diffusion_loss(model, *next(it)[1], tok.mask_token_id, hp["eps"], gen).item()
                for _ in range(n)) / n
     model.train()
@@ -125,7 +153,8 @@ def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, **overrid
     t0, ema, it = time.time(), None, batches(tok, hp, seed)
     for step in range(1, hp["steps"] + 1):
         gl, batch = next(it)
-        loss = diffusion_loss(model, *batch, tok.mask_token_id, hp["eps"], gen)
+        loss = diffusion_loss(model, *batch, tok.mask_token_id, hp["eps"], gen, tok.eos_token_id,
+                              hp["semi_ar_share"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,14 +193,25 @@ def main():
     ap.add_argument("--hidden", type=int)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--tokens-per-batch", type=int, dest="tokens_per_batch")
+    ap.add_argument("--semi-ar-share", type=float, dest="semi_ar_share",
+                    help="share of rows masked the way block decoding sees them (default 0: LLaDA's uniform mask)")
+    ap.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
+                    help="sampling weight of a task within its family, e.g. letter_word=1.5 (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--tiny-config", action="store_true", help="seconds-long run (tests)")
     a = ap.parse_args()
+    weights = {}
+    for tw in a.task_weight:
+        name, _, w = tw.partition("=")
+        if name not in BENCHMARK_TASKS + INSTRUCTION_TASKS or not w.replace(".", "", 1).isdigit():
+            ap.error(f"--task-weight {tw!r}: expected TASK=WEIGHT with TASK one of the task names "
+                     f"in learn2pd_core/tiny/tasks.py and WEIGHT a positive number")
+        weights[name] = float(w)
     torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, tiny=a.tiny_config, log_every=5 if a.tiny_config else 50, save_every=a.save_every,
           steps=a.steps, lr=a.lr, hidden=a.hidden, layers=a.layers,
-          tokens_per_batch=a.tokens_per_batch)
+          tokens_per_batch=a.tokens_per_batch, semi_ar_share=a.semi_ar_share, task_weights=weights or None)
 
 
 if __name__ == "__main__":
