@@ -304,6 +304,7 @@ def training_stream(seed: int = 1000, benchmark_share: float = 0.7, task_weights
     while True:
         tasks = BENCHMARK if rng.random() < benchmark_share else INSTRUCTION
         names = list(tasks)
+        # unweighted: rng.choice, which keeps the stream (and the shipped checkpoint's run) as it was
         name = rng.choices(names, [w.get(n, 1.0) for n in names])[0] if w else rng.choice(names)
         prompt, answer = tasks[name](rng)
         if not held_out(prompt):

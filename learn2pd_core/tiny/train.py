@@ -115,7 +115,7 @@ def batches(tok, hp, seed, groups=4):
     Draws `groups` batches' worth of pairs at once and sorts them by length, so little compute
     goes to prompt padding or to stretching L for one long answer."""
     rng = random.Random(seed)
-    stream = training_stream(seed, hp["benchmark_share"], hp.get("task_weights"))
+    stream = training_stream(seed, hp["benchmark_share"], hp["task_weights"])
     while True:
         gl0 = rng.choices(hp["gen_lengths"], hp["gen_probs"])[0]
         bs = max(2, hp["tokens_per_batch"] // (gl0 + 64))
@@ -184,6 +184,19 @@ def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, **overrid
     return model, tok, info
 
 
+def task_weight(arg: str) -> tuple[str, float]:
+    """argparse type for --task-weight TASK=W."""
+    name, _, w = arg.partition("=")
+    try:
+        weight = float(w)
+    except ValueError:
+        weight = 0.0
+    if name not in BENCHMARK_TASKS + INSTRUCTION_TASKS or not weight > 0:
+        raise argparse.ArgumentTypeError(f"{arg!r}: expected TASK=WEIGHT, TASK one of the task names in "
+                                         f"learn2pd_core/tiny/tasks.py and WEIGHT a positive number")
+    return name, weight
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -195,19 +208,13 @@ def main():
     ap.add_argument("--tokens-per-batch", type=int, dest="tokens_per_batch")
     ap.add_argument("--semi-ar-share", type=float, dest="semi_ar_share",
                     help="share of rows masked the way block decoding sees them (default 0: LLaDA's uniform mask)")
-    ap.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
+    ap.add_argument("--task-weight", action="append", default=[], metavar="TASK=W", type=task_weight,
                     help="sampling weight of a task within its family, e.g. letter_word=1.5 (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--tiny-config", action="store_true", help="seconds-long run (tests)")
     a = ap.parse_args()
-    weights = {}
-    for tw in a.task_weight:
-        name, _, w = tw.partition("=")
-        if name not in BENCHMARK_TASKS + INSTRUCTION_TASKS or not w.replace(".", "", 1).isdigit():
-            ap.error(f"--task-weight {tw!r}: expected TASK=WEIGHT with TASK one of the task names "
-                     f"in learn2pd_core/tiny/tasks.py and WEIGHT a positive number")
-        weights[name] = float(w)
+    weights = dict(a.task_weight)
     torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, tiny=a.tiny_config, log_every=5 if a.tiny_config else 50, save_every=a.save_every,
           steps=a.steps, lr=a.lr, hidden=a.hidden, layers=a.layers,
