@@ -96,6 +96,7 @@ def _predict(block_logits: torch.Tensor, temperature: float, generators, mask_id
     return pred, conf
 
 
+@torch.inference_mode()   # decoding never needs gradients; without this the filter's forward records a graph every step
 def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg: DecodeConfig) -> list[GenerationResult]:
     dev, mask_id = model.device, model.mask_token_id
     B, G, S, nb, spb = len(prompts), cfg.gen_length, cfg.block_size, cfg.num_blocks, cfg.steps_per_block
