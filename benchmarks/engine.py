@@ -1,19 +1,22 @@
 """Decoding-engine benchmark: every policy side by side on the same prompts, at batch 1 and batch 16.
 
-    python benchmarks/engine.py [--model tiny] [--prompts 16] [--gen-length 256] [--repeats 3] [--filter DIR]
+    python benchmarks/engine.py [--model tiny] [--dtype float32] [--prompts 16] [--gen-length 256] [--repeats 3] [--filter DIR]
 
 Without --filter, a filter is fitted first on EGP traces of instruction-family prompts (not the
-benchmark prompts). Prints one markdown table; times are medians of --repeats runs.
+benchmark prompts). Prints one markdown table; times are medians of --repeats runs. Then the vanilla
+batch ratio, and beside it what one forward pass achieves (FLOP/s) at the smallest and largest batch
+against this machine's matmul peak: the ceiling on what batching can buy here.
 """
 import argparse
 import platform
+import statistics
 import sys
 import time
 
 import torch
 
 from learn2pd_core import Learn2PDError, load_filter, load_model
-from learn2pd_core.bench import compare_methods, fit_filter_on, markdown_table
+from learn2pd_core.bench import compare_methods, fit_filter_on, forward_roofline, markdown_table, roofline_lines
 from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
 
 METHODS = ["vanilla", "threshold", "factor", "egp", "learn2pd", "vanilla+eotp", "learn2pd+eotp"]
@@ -22,6 +25,8 @@ METHODS = ["vanilla", "threshold", "factor", "egp", "learn2pd", "vanilla+eotp", 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="'tiny', a checkpoint directory or a hub id")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="model weights' dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--prompts", type=int, default=16, help="benchmark-family prompts to decode")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
@@ -32,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--filter-prompts-per-task", type=int, default=3)
     args = ap.parse_args(argv)
 
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
     settings = dict(gen_length=args.gen_length, block_size=args.block_size)
     if args.filter:
         filt = load_filter(args.filter)
@@ -45,10 +50,11 @@ def main(argv=None):
     examples = _spread(benchmark_examples(per_task=args.prompts, seed=0), args.prompts)
     prompts = [e["prompt"] for e in examples]
     rows = []
-    for bs in map(int, args.batch_sizes.split(",")):
+    for bs in sorted({min(int(b), len(prompts)) for b in args.batch_sizes.split(",")}):   # a batch is never padded
         rows += compare_methods(model, prompts, args.methods.split(","), batch_size=bs, repeats=args.repeats,
                                 score=lambda i, text: score(examples[i], text), filter=filt, **settings)
-    print(f"\n{args.model} on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    print(f"\n{args.model} ({str(next(model.model.parameters()).dtype).removeprefix('torch.')}) on "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {len(prompts)} prompts, gen {args.gen_length}, block {args.block_size}, "
           f"median of {args.repeats}\n")
     print(markdown_table(rows))
@@ -57,6 +63,11 @@ def main(argv=None):
     if len(sizes) > 1 and ("vanilla", sizes[0]) in by:
         ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
         print(f"\nvanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
+        # Why the ratio is what it is: the forward's FLOP rate at each size against this machine's matmul peak.
+        seq_len = round(statistics.median(len(model.encode_prompt(p)) for p in prompts)) + args.gen_length
+        small = by[("vanilla", sizes[0])]
+        roof = forward_roofline(model, seq_len, (sizes[0], sizes[-1]), forward_share=1 - small["policy"] - small["other"])
+        print("\n".join(roofline_lines(roof)))
     for bs in sizes:   # the policies' own bookkeeping (confidence, filter, selection) against the whole step
         worst = max((r for r in rows if r["batch"] == bs), key=lambda r: r["policy"])
         print(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time ({worst['method']})")

@@ -7,6 +7,8 @@ import statistics
 import time
 from typing import Callable, Sequence
 
+import torch
+
 from . import engine, policies
 from .config import DecodeConfig
 from .engine import generate
@@ -15,6 +17,11 @@ from .engine import generate
 # learn2pd_rule). Everything else the engine does per step (gathers, EoTP, block moves, counters) is 'other'.
 POLICY_FUNCTIONS = [(engine, "_predict")] + [(policies, n) for n in ("top_k", "threshold_rule", "factor_rule",
                                                                      "egp_rule", "learn2pd_rule")]
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":   # CUDA kernels run asynchronously; wait so the clock sees their time
+        torch.cuda.synchronize()
 
 
 class TimedModel:
@@ -29,9 +36,7 @@ class TimedModel:
     def __call__(self, input_ids, attention_mask=None):
         start = time.perf_counter()
         logits = self.model(input_ids, attention_mask)
-        if logits.is_cuda:
-            import torch
-            torch.cuda.synchronize()
+        _sync(logits.device)
         self.seconds += time.perf_counter() - start
         return logits
 
@@ -50,7 +55,6 @@ class TimedFunctions:
             try:
                 out = fn(*args, **kwargs)
                 if self._depth == 1 and _on_cuda(out):
-                    import torch
                     torch.cuda.synchronize()
                 return out
             finally:
@@ -110,6 +114,65 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str], *, batch_s
     for r in rows:
         r["speedup"] = r["tok_s"] / base[r["batch"]] if base.get(r["batch"]) else float("nan")
     return rows
+
+
+def _median_seconds(fn, device, repeats: int) -> float:
+    fn()   # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> float:
+    """This machine's dense matmul throughput (FLOP/s) in `dtype`: the best of a few square GEMMs, a ceiling
+    no forward pass can beat for long."""
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        best = max(best, 2 * n ** 3 / _median_seconds(lambda: a @ b, device, repeats))
+    return best
+
+
+def forward_roofline(model, seq_len: int, batch_sizes: Sequence[int] = (1, 16), repeats: int = 9,
+                     forward_share: float = 1.0) -> dict:
+    """What one full-sequence forward costs at each batch size, against the machine's matmul peak.
+
+    A forward's FLOPs grow linearly with the batch, so a row's decoding step at batch B takes at least
+    FLOPs / peak, while at batch b it takes forward(b) / forward_share (the share of a measured step that is
+    the forward; the engine's bookkeeping is the rest and may amortise away). Tokens/s at B over b is therefore
+    at most peak / achieved(b) / forward_share: when the small batch already runs near the peak (compute-bound,
+    as small models on CPUs do), batching cannot buy much; on GPUs, where batch 1 is memory-bound far below the
+    peak, it pays. FLOPs are torch's own count (FlopCounterMode: matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    # torch's table lacks the CPU flash-attention kernel that SDPA dispatches to on CPUs; it does the same work
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                     lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    param = next(model.model.parameters())
+    device, dtype = param.device, param.dtype
+    rows = []
+    for b in batch_sizes:
+        ids = torch.full((b, seq_len), model.mask_token_id, device=device)
+        attn = torch.ones_like(ids)
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            model(ids, attn)
+        flops = counter.get_total_flops()
+        seconds = _median_seconds(lambda: model(ids, attn), device, repeats)
+        rows.append({"batch": b, "seconds": seconds, "flops": flops, "flop_s": flops / seconds})
+    peak = matmul_peak(device, dtype)
+    return {"seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "peak_flop_s": peak, "rows": rows,
+            "batching_bound": peak / rows[0]["flop_s"] / forward_share}
+
+
+def roofline_lines(roof: dict) -> list[str]:
+    parts = [f"batch {r['batch']} {1e3 * r['seconds']:.1f} ms ({r['flop_s'] / 1e9:.0f} GFLOP/s)" for r in roof["rows"]]
+    return [f"one forward at {roof['seq_len']} tokens: " + ", ".join(parts),
+            f"{roof['dtype']} matmul peak here: {roof['peak_flop_s'] / 1e9:.0f} GFLOP/s, so batching can raise tokens/s "
+            f"at most {roof['batching_bound']:.1f}x over batch {roof['rows'][0]['batch']} on this machine"]
 
 
 COLUMNS = [("method", "method", "{}"), ("batch", "batch", "{}"), ("nfe", "NFE/prompt", "{:.1f}"),
