@@ -1,41 +1,28 @@
-"""Model adapter: any masked-diffusion LM behind one small interface (logits for a batch of sequences).
+"""Model runner: any masked-diffusion LM behind one small interface (logits at chosen positions of a batch).
 
-Model-specific facts (mask id, end-of-text ids, padding, remote code, dtype) live in MODEL_SPECS, keyed by
-the checkpoint's `model_type`; everything else goes through transformers' auto classes.
+LLaDA checkpoints (config.json `model_type: "llada"`: LLaDA-8B-Instruct, LLaDA-8B-Base, LLaDA-1.5, and the embedded
+tiny model) run on this project's own implementation (`learn2pd_core.llada`), never on the checkpoint's modelling
+code; every other model goes through transformers' masked-LM auto class.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import ModelLoadError
+from .llada import MODEL_TYPE as LLADA, LLaDA, LLaDAConfig, load_llada, positions_from_mask
 
 TINY_CHECKPOINT = Path(__file__).parent / "tiny" / "checkpoint"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    mask_token_id: int
-    eos_token_ids: tuple[int, ...]      # every id that ends the text; the first one is used as padding
-    pad_token_id: int                   # left padding of batched prompts; never the mask id
-    auto_class: str = "AutoModelForMaskedLM"
-    trust_remote_code: bool = False
-    gpu_dtype: torch.dtype = torch.bfloat16
-
-
-MODEL_SPECS = {
-    # LLaDA-8B-Instruct (GSAI-ML/LLaDA-8B-Instruct): <|mdm_mask|> 126336, <|endoftext|> 126081 (EOS and the
-    # SFT padding), <|eot_id|> 126348. Its modelling code ships with the checkpoint (AutoModel -> LLaDAModelLM).
-    "llada": ModelSpec(126336, (126081, 126348), 126081, auto_class="AutoModel", trust_remote_code=True),
-}
+# LLaDA-Instruct ends an assistant turn with <|eot_id|> as well as <|endoftext|> (its config's eos_token_id).
+END_OF_TURN = "<|eot_id|>"
 
 
 class DiffusionLM:
-    """A loaded mask predictor: `model(input_ids, attention_mask) -> logits [B, T, V]`."""
+    """A loaded mask predictor and its tokenizer. Calling it runs one forward pass: the runner owns positions,
+    masks and which logits are computed (and, next, the KV cache)."""
 
     def __init__(self, model, tokenizer, mask_token_id: int, eos_token_ids: Sequence[int], pad_token_id: int,
                  name: str = "custom", use_chat_template: bool | None = None, max_length: int | None = None):
@@ -49,14 +36,27 @@ class DiffusionLM:
             use_chat_template = getattr(tokenizer, "chat_template", None) is not None
         self.use_chat_template = use_chat_template
         self.max_length = max_length
+        # LLaDA (ours) takes positions and computes only the logits asked for; a transformers model computes all.
+        self.native = isinstance(model, LLaDA)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T], attention_mask [B, T] (False: padding or cut, never attended; None: all real),
+        logits_at [B, K] positions to return logits for (None: all) -> logits [B, K or T, V]."""
+        if self.native:
+            # Positions count from each row's first real token, so a left-padded row is the row alone exactly.
+            positions = None if attention_mask is None else positions_from_mask(attention_mask)
+            # A KV cache joins here: past_kv for the positions not recomputed, return_kv to refresh it.
+            return self.model(input_ids, attention_mask, positions, logits_at=logits_at).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if logits_at is None:
+            return logits
+        return logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
 
     def encode_prompt(self, text: str, chat: bool | None = None) -> list[int]:
         """Token ids of a user prompt, through the chat template when the model has one (and `chat` allows)."""
@@ -70,6 +70,7 @@ class DiffusionLM:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True) if self.tokenizer else ""
+
 
 
 def _resolve_source(name_or_path: str) -> tuple[str, bool]:
@@ -90,12 +91,16 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def _from_pretrained(load, source: str, local: bool, **kwargs):
     """Local cache first, then the hub (unless HF_HUB_OFFLINE is set): offline failures are quick."""
     try:
         return load(source, local_files_only=True, **kwargs)
     except OSError:
-        if local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        if local or _offline():
             raise
         return load(source, **kwargs)
 
@@ -106,41 +111,95 @@ def _config_dict(source: str, **kwargs) -> dict:
     return PretrainedConfig.get_config_dict(source, **kwargs)[0]
 
 
-def load_model(name_or_path: str = "tiny", device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None, trust_remote_code: bool | None = None) -> DiffusionLM:
-    """Load "tiny" (the embedded model), a local checkpoint directory, or a Hugging Face hub id."""
-    import transformers
+def _snapshot(repo_id: str, **kwargs) -> str:
+    """A hub checkpoint's local folder (data files only: modelling code is never fetched)."""
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"], **kwargs)
 
+
+def load_model(name_or_path: str = "tiny", device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> DiffusionLM:
+    """Load "tiny" (the embedded LLaDA), a local checkpoint directory, or a Hugging Face hub id (from the local
+    cache, or downloaded unless HF_HUB_OFFLINE=1). bf16 on CUDA, float32 on CPU unless `dtype` says otherwise.
+    Every failure is one ModelLoadError line naming the checkpoint, the problem and the fix."""
     source, local = _resolve_source(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    stage = "reading config.json"
     try:
         raw = _from_pretrained(_config_dict, source, local)
-        spec = MODEL_SPECS.get(raw.get("model_type", ""))
-        remote = spec.trust_remote_code if (spec and trust_remote_code is None) else bool(trust_remote_code)
-        if "auto_map" in raw and not remote:
-            raise ModelLoadError(f"{name_or_path} ships its own modelling code; pass trust_remote_code=True "
-                                 "if you trust it")
-        if dtype is None:
-            dtype = (spec.gpu_dtype if spec else torch.bfloat16) if device.type == "cuda" else torch.float32
-        loader = getattr(transformers, spec.auto_class if spec else "AutoModelForMaskedLM")
-        tokenizer = _from_pretrained(transformers.AutoTokenizer.from_pretrained, source, local, trust_remote_code=remote)
-        model = _from_pretrained(loader.from_pretrained, source, local, trust_remote_code=remote, dtype=dtype)
+        if raw.get("model_type") == LLADA:
+            stage = "reading the checkpoint"
+            folder = Path(source if local else _from_pretrained(_snapshot, source, local))
+            return _load_llada(name_or_path, folder, raw, device, dtype)
+        stage = "loading it with transformers" + (" and its own modelling code" if "auto_map" in raw else "")
+        return _load_transformers(name_or_path, source, local, raw, device, dtype, trust_remote_code)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, ImportError) as e:
+    except OSError as e:
         raise ModelLoadError(
-            f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]} -- provide the weights as a local directory "
+            f"cannot load model {name_or_path!r}: {_first_line(e)} -- provide the weights as a local directory "
             f"(--model /path/to/checkpoint) or populate the Hugging Face cache first "
             f"(`hf download {name_or_path}` on a machine with hub access, then copy ~/.cache/huggingface)") from None
-    model = model.to(device).eval()
-    mask_id = spec.mask_token_id if spec else tokenizer.mask_token_id
-    eos_ids = spec.eos_token_ids if spec else (tokenizer.eos_token_id,)
-    if mask_id is None or eos_ids[0] is None:
-        raise ModelLoadError(f"{name_or_path}: the tokenizer defines no mask or end-of-text token; "
-                             "add them or register the model in learn2pd_core.model.MODEL_SPECS")
-    pad_id = spec.pad_token_id if spec else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0])
-    max_len = raw.get("max_sequence_length") or raw.get("max_position_embeddings")
-    if max_len and raw.get("model_type", "").startswith(("roberta", "xlm-roberta")):
-        max_len -= (raw.get("pad_token_id") or 0) + 1   # RoBERTa positions start after the padding index
-    return DiffusionLM(model, tokenizer, mask_id, eos_ids, pad_id, name=name_or_path, max_length=max_len)
+    except Exception as e:   # a checkpoint can fail in any way (its own code, a corrupt file): always one line
+        import transformers
+        fix = (f"this checkpoint's own code does not run under transformers {transformers.__version__}; use a "
+               "checkpoint transformers supports natively or a LLaDA checkpoint (model_type \"llada\", run natively)"
+               if "auto_map" in raw else "check that the checkpoint folder is complete and uncorrupted (download it again)") \
+            if stage.startswith("loading") else "download the checkpoint again"
+        raise ModelLoadError(f"cannot load model {name_or_path!r} while {stage}: {type(e).__name__}: {_first_line(e)} "
+                             f"-- {fix}") from None
 
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _load_llada(name: str, folder: Path, raw: dict, device: torch.device, dtype: torch.dtype) -> DiffusionLM:
+    from transformers import AutoTokenizer, PretrainedConfig
+    try:
+        config = LLaDAConfig.from_hub(raw)
+    except ValueError as e:
+        raise ModelLoadError(f"{name}: {e}") from None
+    # LLaDA's tokenizer is a plain fast tokenizer (tokenizer_config.json names its class): no remote code, whatever
+    # auto_map says, and a blank config so transformers does not try to parse LLaDA's config.json itself.
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig(), trust_remote_code=False)
+    model = load_llada(folder, config, device, dtype)
+    vocab = tokenizer.get_vocab()
+    mask_id = config.mask_token_id if config.mask_token_id is not None else tokenizer.mask_token_id
+    eos_id = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if mask_id is None or eos_id is None:
+        raise ModelLoadError(f"{name}: neither config.json nor the tokenizer names a mask or end-of-text token; "
+                             "set mask_token_id and eos_token_id in config.json")
+    eos_ids = (eos_id,) + ((vocab[END_OF_TURN],) if vocab.get(END_OF_TURN, eos_id) != eos_id else ())
+    pad_id = next(i for i in (config.pad_token_id, tokenizer.pad_token_id, eos_id) if i is not None)
+    return DiffusionLM(model, tokenizer, mask_id, eos_ids, pad_id, name=name, max_length=config.max_sequence_length)
+
+
+def _load_transformers(name: str, source: str, local: bool, raw: dict, device: torch.device, dtype: torch.dtype,
+                       trust_remote_code: bool) -> DiffusionLM:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type", "")
+    if "auto_map" in raw and not trust_remote_code:
+        raise ModelLoadError(f"{name} ships its own modelling code; pass trust_remote_code=True if you trust it")
+    if "auto_map" not in raw and model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{name}: model_type {model_type!r} is neither LLaDA (which learn2pd runs natively) nor a "
+                             f"model transformers {transformers.__version__} knows; use a LLaDA checkpoint or a "
+                             "transformers masked LM")
+    tokenizer = _from_pretrained(transformers.AutoTokenizer.from_pretrained, source, local,
+                                 trust_remote_code=trust_remote_code)
+    if tokenizer.mask_token_id is None or tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{name}: its tokenizer defines no {'mask' if tokenizer.mask_token_id is None else 'end-of-text'} "
+                             "token, which masked diffusion decoding needs; use a masked LM whose tokenizer has a mask "
+                             "and an end-of-text (eos) token")
+    model = _from_pretrained(transformers.AutoModelForMaskedLM.from_pretrained, source, local,
+                             trust_remote_code=trust_remote_code, dtype=dtype)
+    model = model.to(device).eval()
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    max_len = raw.get("max_position_embeddings")
+    if max_len and model_type.startswith(("roberta", "xlm-roberta")):
+        max_len -= (raw.get("pad_token_id") or 0) + 1   # RoBERTa positions start after the padding index
+    return DiffusionLM(model, tokenizer, tokenizer.mask_token_id, (eos_id,), pad_id, name=name, max_length=max_len)

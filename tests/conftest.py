@@ -5,6 +5,7 @@ import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 from learn2pd_core import DiffusionLM
+from learn2pd_core.llada import LLaDA, LLaDAConfig
 
 VOCAB, PAD, EOS, MASK = 48, 0, 2, 47
 
@@ -46,6 +47,31 @@ class EosAfter(torch.nn.Module):
         return out
 
 
+class EosAfterLLaDA(LLaDA):
+    """EosAfter for the native LLaDA, which takes positions and is asked for some positions' logits only: the
+    bias depends on the row's own positions (counted from its first real token by the runner)."""
+    offset, bias = 30, 30.0
+
+    def forward(self, input_ids, attention_mask=None, positions=None, past_kv=None, logits_at=None, return_kv=False):
+        out = super().forward(input_ids, attention_mask, positions)
+        pos = positions if positions is not None else torch.arange(input_ids.shape[1]).expand(input_ids.shape)
+        out.logits[..., EOS] += self.bias * (pos >= self.offset)
+        if logits_at is not None:
+            out.logits = out.logits.gather(1, logits_at[..., None].expand(-1, -1, out.logits.shape[-1]))
+        return out
+
+
+def random_llada(seed=0, cls=LLaDA):
+    """A small seeded LLaDA (this project's implementation) in float64; a wide init, as random_mlm's, spreads its
+    confidences. Its mask-token output row is zero: the other 47 logits are wide, so the mask is never the argmax."""
+    cfg = LLaDAConfig(d_model=32, n_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=VOCAB, rope_theta=10000.0,
+                      max_sequence_length=512, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD)
+    m = cls(cfg).init_weights(torch.Generator().manual_seed(seed), std=0.5)
+    with torch.no_grad():
+        m.model.transformer.ff_out.weight[MASK] = 0.0
+    return m.double().eval()
+
+
 def wrap(model):
     return DiffusionLM(model, tokenizer=None, mask_token_id=MASK, eos_token_ids=(EOS,), pad_token_id=PAD, name="test")
 
@@ -58,6 +84,16 @@ def toy():
 @pytest.fixture(scope="session")
 def eos_toy():
     return wrap(EosAfter(random_mlm(), offset=30))
+
+
+@pytest.fixture(scope="session")
+def llada_toy():
+    return wrap(random_llada())
+
+
+@pytest.fixture(scope="session")
+def llada_eos_toy():
+    return wrap(random_llada(cls=EosAfterLLaDA))
 
 
 def prompts_of_lengths(*lengths, seed=1):

@@ -1,0 +1,90 @@
+"""Peak host memory of loading a LLaDA checkpoint with load_model, against its size on disk.
+
+    python benchmarks/load_memory.py                          # d_model 1024, 8 layers, LLaDA's vocabulary: ~0.75 GB bf16
+    python benchmarks/load_memory.py --d-model 4096 --layers 32   # LLaDA-8B's dimensions (16 GB of disk)
+
+Writes a random checkpoint with LLaDA-8B's layout (bf16, sharded, index) to --dir, then loads it in a fresh
+process per dtype and reports that process's peak resident memory (ru_maxrss) above its footprint after
+importing torch and learn2pd_core, split into anonymous memory (copies) and file-backed pages (the memory-mapped
+shards, which the kernel can drop and re-read). Loading bf16 weights as bf16 should add no copy; as float32 it
+must add one float32 copy (2x the file), built tensor by tensor, never a second one.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from learn2pd_core.llada import INDEX_FILE, LLaDA, LLaDAConfig, parameter_count  # noqa: E402
+
+PROBE = r"""
+import json, resource, sys, torch
+from learn2pd_core import load_model
+def mem():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    kb = lambda k: int(fields[k].split()[0]) * 1024 if k in fields else 0
+    return kb("RssAnon"), kb("RssFile")
+anon0, file0 = mem()
+model = load_model(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]))
+anon1, file1 = mem()
+print(json.dumps({"base_anon": anon0, "base_file": file0, "anon": anon1, "file": file1,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "params": sum(p.numel() for p in model.model.parameters())}))
+"""
+
+
+def write_checkpoint(folder: Path, config: LLaDAConfig, shards: int = 2):
+    """Random bf16 weights in the hub's layout, one tensor built at a time (the writer must not need 2x either)."""
+    from safetensors.torch import save_file
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in LLaDA(config).state_dict().items()}
+    order = sorted(names)
+    per = -(-len(order) // shards)
+    weight_map, total = {}, 0
+    g = torch.Generator().manual_seed(0)
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: (torch.randn(names[n], generator=g) * 0.02).to(torch.bfloat16) for n in order[s * per:(s + 1) * per]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in part.values())
+        weight_map.update({n: fname for n in part})
+        del part
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg = {**config.to_hub(), "mask_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from learn2pd_core.tiny.tokenizer import build_tokenizer
+    build_tokenizer().save_pretrained(folder)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=126464)
+    ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary folder)")
+    a = ap.parse_args()
+    config = LLaDAConfig(d_model=a.d_model, n_heads=a.d_model // 128, n_layers=a.layers, mlp_hidden_size=3 * a.d_model,
+                         vocab_size=a.vocab)
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+        folder = Path(tmp)
+        size = write_checkpoint(folder, config)
+        print(f"checkpoint: d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}: "
+              f"{parameter_count(config) / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of bf16 shards")
+        print("| load as | anonymous memory added | file-backed pages added | peak RSS - footprint before | / file size |")
+        print("|---|---|---|---|---|")
+        for dtype in ("bfloat16", "float32"):
+            out = subprocess.run([sys.executable, "-c", PROBE, str(folder), dtype], capture_output=True, text=True,
+                                 cwd=Path(__file__).resolve().parents[1], check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            peak = r["peak_rss"] - r["base_anon"] - r["base_file"]
+            print(f"| {dtype} | {(r['anon'] - r['base_anon']) / 2**30:.2f} GiB | {(r['file'] - r['base_file']) / 2**30:.2f} GiB "
+                  f"| {peak / 2**30:.2f} GiB | {peak / size:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
