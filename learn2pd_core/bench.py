@@ -33,9 +33,9 @@ class TimedModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, logits_at=None):
         start = time.perf_counter()
-        logits = self.model(input_ids, attention_mask)
+        logits = self.model(input_ids, attention_mask, logits_at)
         _sync(logits.device)
         self.seconds += time.perf_counter() - start
         return logits

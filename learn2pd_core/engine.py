@@ -96,141 +96,182 @@ def _predict(block_logits: torch.Tensor, temperature: float, generators, mask_id
     return pred, conf
 
 
+@dataclass
+class Rows:
+    """Every row's decoding state in one place. Row r's prompt is left-padded to P tokens, so its generation
+    region is x[r, P:P+G] and its live sequence x[r, :end[r]] (EoTP moves end[r] in). Each row has its own block,
+    step within the block, transfer schedule and counters; rows that finish leave `active`."""
+    x: torch.Tensor               # [B, L] token ids, L = P + G
+    real: torch.Tensor            # [B, L] bool: not left padding
+    end: torch.Tensor             # [B] live sequence end
+    block: torch.Tensor           # [B] current block
+    step: torch.Tensor            # [B] step within the block
+    schedule: torch.Tensor        # [B, steps_per_block] tokens the top-k commits at each step of the block
+    active: torch.Tensor          # [B] bool: still decoding
+    nfe: np.ndarray               # [B] forward passes that included the row
+    forwards_per_block: np.ndarray  # [B, num_blocks]
+    tokens_per_step: list[list[int]]
+    finished_at: np.ndarray       # [B] seconds from the batch's start
+    P: int                        # padded prompt length
+    cfg: DecodeConfig
+    mask_id: int
+
+    @classmethod
+    def start(cls, prompts: list[list[int]], cfg: DecodeConfig, mask_id: int, pad_id: int, dev) -> "Rows":
+        B, G, S = len(prompts), cfg.gen_length, cfg.block_size
+        P = max(map(len, prompts))
+        x = torch.full((B, P + G), mask_id, dtype=torch.long, device=dev)
+        real = torch.ones((B, P + G), dtype=torch.bool, device=dev)
+        for r, p in enumerate(prompts):
+            x[r, :P - len(p)], real[r, :P - len(p)] = pad_id, False
+            x[r, P - len(p):P] = torch.tensor(p, device=dev)
+        return cls(x, real, end=torch.full((B,), P + G, dtype=torch.long, device=dev),
+                   block=torch.zeros(B, dtype=torch.long, device=dev), step=torch.zeros(B, dtype=torch.long, device=dev),
+                   schedule=policies.transfer_schedule(torch.full((B,), S, device=dev), cfg.steps_per_block),
+                   active=torch.ones(B, dtype=torch.bool, device=dev), nfe=np.zeros(B, dtype=np.int64),
+                   forwards_per_block=np.zeros((B, cfg.num_blocks), dtype=np.int64),
+                   tokens_per_step=[[] for _ in range(B)], finished_at=np.zeros(B), P=P, cfg=cfg, mask_id=mask_id)
+
+    def live(self) -> torch.Tensor:
+        """Indices of the rows still decoding."""
+        return self.active.nonzero().squeeze(1)
+
+    def attention(self, rows: torch.Tensor, T: int) -> torch.Tensor:
+        """[R, T] keys each row attends to: not padding, not cut by EoTP."""
+        return self.real[rows, :T] & (torch.arange(T, device=self.x.device) < self.end[rows, None])
+
+    def block_positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R, S] absolute positions of each row's current block."""
+        S = self.cfg.block_size
+        return self.P + self.block[rows, None] * S + torch.arange(S, device=self.x.device)
+
+    def top_k_count(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R] tokens the vanilla schedule commits at each row's current step (at least one)."""
+        return self.schedule[rows, self.step[rows].clamp(max=self.cfg.steps_per_block - 1)].clamp(min=1)
+
+    def cut(self, rows: torch.Tensor, at: torch.Tensor, fill: int):
+        """EoTP: end each row's live sequence after position at[r]; what lies beyond becomes end-of-text."""
+        new_end = torch.minimum(self.end[rows], at + 1)
+        span = torch.arange(self.x.shape[1], device=self.x.device)[None, :]
+        tail = (span >= new_end[:, None]) & (span < self.end[rows, None])
+        self.x[rows] = torch.where(tail, fill, self.x[rows])
+        self.end[rows] = new_end
+
+    def finish_step(self, rows: torch.Tensor, committed: torch.Tensor, now: float):
+        """Count the forward and the commits, move rows whose block is done to their next block that still has
+        masks, and retire rows that have none left."""
+        rows_np = rows.cpu().numpy()
+        self.nfe[rows_np] += 1
+        self.forwards_per_block[rows_np, self.block[rows].cpu().numpy()] += 1
+        for r, n in zip(rows_np.tolist(), committed.tolist()):
+            self.tokens_per_step[r].append(n)
+        self.step[rows] += 1
+        pos = self.block_positions(rows)
+        still = (self.x[rows[:, None], pos.clamp(max=self.x.shape[1] - 1)] == self.mask_id) & (pos < self.end[rows, None])
+        for r in rows[~still.any(dim=1)].tolist():
+            self._next_block(r)
+            if not self.active[r]:
+                self.finished_at[r] = now
+
+    def _next_block(self, r: int):
+        S, mask_id = self.cfg.block_size, self.mask_id
+        while True:
+            self.block[r] += 1
+            start = self.P + int(self.block[r]) * S
+            if int(self.block[r]) >= self.cfg.num_blocks or start >= int(self.end[r]):
+                self.active[r] = False
+                return
+            count = int((self.x[r, start:min(start + S, int(self.end[r]))] == mask_id).sum())
+            if count:
+                self.step[r] = 0
+                self.schedule[r] = policies.transfer_schedule(torch.tensor([count], device=self.x.device),
+                                                              self.cfg.steps_per_block)[0]
+                return
+
+
 @torch.inference_mode()   # decoding never needs gradients; without this the filter's forward records a graph every step
 def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg: DecodeConfig) -> list[GenerationResult]:
     dev, mask_id = model.device, model.mask_token_id
-    B, G, S, nb, spb = len(prompts), cfg.gen_length, cfg.block_size, cfg.num_blocks, cfg.steps_per_block
-    P = max(map(len, prompts))
-    L = P + G
-    # Left padding keeps every row's generation region at [P, L); padding is excluded by the attention mask.
-    x = torch.full((B, L), mask_id, dtype=torch.long, device=dev)
-    valid = torch.ones((B, L), dtype=torch.bool, device=dev)
-    for r, p in enumerate(prompts):
-        x[r, :P - len(p)] = model.pad_token_id
-        valid[r, :P - len(p)] = False
-        x[r, P - len(p):P] = torch.tensor(p, device=dev)
+    state = Rows.start(prompts, cfg, mask_id, model.pad_token_id, dev)
+    x, P = state.x, state.P
     ref = torch.tensor(np.asarray(references, dtype=np.int64), device=dev) if cfg.policy == "egp" else None
     eos_ids = torch.tensor(model.eos_token_ids, device=dev)
     eos_fill = model.eos_token_ids[0]
     filt = cfg.filter.to(dev) if cfg.policy == "learn2pd" else None
-    tau = cfg.tau
     generators = [torch.Generator(device=dev).manual_seed(_row_seed(cfg.seed, p)) for p in prompts] \
         if cfg.temperature > 0 else None
-
-    end = torch.full((B,), L, dtype=torch.long, device=dev)   # row r's live sequence is x[r, :end[r]]
-    block = torch.zeros(B, dtype=torch.long, device=dev)
-    step = torch.zeros(B, dtype=torch.long, device=dev)
-    schedule = policies.transfer_schedule(torch.full((B,), S, device=dev), spb)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    nfe, fpb = np.zeros(B, dtype=np.int64), np.zeros((B, nb), dtype=np.int64)
-    per_step: list[list[int]] = [[] for _ in range(B)]
-    finished_at = np.zeros(B)
     records = []
-    offsets = torch.arange(S, device=dev)
-    positions = torch.arange(L, device=dev)
     t0 = time.perf_counter()
 
-    while True:
-        rows = active.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            break
-        T = int(end[rows].max())
-        attn = valid[rows, :T] & (positions[:T] < end[rows, None])
-        logits = model(x[rows, :T], None if bool(attn.all()) else attn)
-        pos = P + block[rows, None] * S + offsets                      # [R, S] this row's block
-        live = pos < end[rows, None]                                   # positions not cut by EoTP
-        pred, conf = _predict(logits[torch.arange(len(rows), device=dev)[:, None], pos.clamp(max=T - 1)],
-                              cfg.temperature, [generators[i] for i in rows.tolist()] if generators else None, mask_id)
+    while (rows := state.live()).numel():
+        T = int(state.end[rows].max())
+        attn = state.attention(rows, T)
+        pos = state.block_positions(rows)                              # [R, S]
+        live = pos < state.end[rows, None]                             # positions not cut by EoTP
+        # Logits only where they are read: the block, or (EoTP "predict") the whole generation region.
+        region = torch.arange(P, T, device=dev).expand(len(rows), -1) if cfg.eotp == "predict" else pos.clamp(max=T - 1)
+        logits = model(x[rows, :T], None if bool(attn.all()) else attn, logits_at=region)   # [R, S or T - P, V]
+        block_logits = logits.gather(1, (pos.clamp(max=T - 1) - P)[..., None].expand(-1, -1, logits.shape[-1])) \
+            if cfg.eotp == "predict" else logits
+        pred, conf = _predict(block_logits, cfg.temperature,
+                              [generators[i] for i in rows.tolist()] if generators else None, mask_id)
         # Cut positions are end-of-text and take no part in the forward: fixed values keep rows independent.
         pred, conf = torch.where(live, pred, eos_fill), torch.where(live, conf, 1.0)
         current = x[rows[:, None], pos]
         masked = (current == mask_id) & live
 
         if cfg.policy == "vanilla":
-            commit = policies.top_k(conf, masked, schedule[rows, step[rows].clamp(max=spb - 1)].clamp(min=1))
+            commit = policies.top_k(conf, masked, state.top_k_count(rows))
         elif cfg.policy == "threshold":
-            commit = policies.threshold_rule(conf, masked, tau)
+            commit = policies.threshold_rule(conf, masked, cfg.tau)
         elif cfg.policy == "factor":
             commit = policies.factor_rule(conf, masked, cfg.factor)
         elif cfg.policy == "egp":
             target = ref[rows[:, None], pos - P]
             commit = policies.egp_rule(conf, masked, pred, target)
-            records.append((rows, block[rows], step[rows], conf.float(), pred, pred == target, masked))
+            records.append((rows, state.block[rows], state.step[rows], conf.float(), pred, pred == target, masked))
             pred = target                                              # EGP writes reference tokens only
         else:  # learn2pd
-            k = schedule[rows, step[rows].clamp(max=spb - 1)].clamp(min=1)
-            commit = policies.learn2pd_rule(conf, masked, filt, tau, k)
+            commit = policies.learn2pd_rule(conf, masked, filt, cfg.tau, state.top_k_count(rows))
         x[rows[:, None], pos] = torch.where(commit, pred, current)
         n_commit = commit.sum(dim=1)
         if bool((n_commit == 0).any()):   # every rule commits >= 1 per step; without it decoding never ends
             raise RuntimeError(f"policy {cfg.policy!r} committed no token in a block that still has masks")
 
         if cfg.eotp:
-            cut = torch.where(commit & torch.isin(pred, eos_ids), pos, L).min(dim=1).values
+            cut = torch.where(commit & torch.isin(pred, eos_ids), pos, x.shape[1]).min(dim=1).values
             if cfg.eotp == "predict":
-                cut, n_commit = _predicted_eot(x, rows, logits, attn, eos_ids, mask_id, cut, n_commit)
-            new_end = torch.minimum(end[rows], cut + 1)
-            tail = (positions[None, :] >= new_end[:, None]) & (positions[None, :] < end[rows, None])
-            x[rows] = torch.where(tail, eos_fill, x[rows])
-            end[rows] = new_end
-
-        rows_np = rows.cpu().numpy()
-        nfe[rows_np] += 1
-        fpb[rows_np, block[rows].cpu().numpy()] += 1
-        for r, n in zip(rows_np.tolist(), n_commit.tolist()):
-            per_step[r].append(n)
-        step[rows] += 1
-        _advance_blocks(x, rows, block, step, schedule, active, end, P, S, nb, spb, mask_id)
-        now = time.perf_counter() - t0
-        for r in rows_np[~active[rows].cpu().numpy()]:
-            finished_at[r] = now
+                cut, n_commit = _predicted_eot(state, rows, logits, attn, eos_ids, cut, n_commit)
+            state.cut(rows, cut, eos_fill)
+        state.finish_step(rows, n_commit, time.perf_counter() - t0)
 
     x_cpu = x[:, P:].cpu()
-    traces = _split_traces(records, B) if cfg.policy == "egp" else [None] * B
+    traces = _split_traces(records, len(prompts)) if cfg.policy == "egp" else [None] * len(prompts)
     results = []
-    for r in range(B):
+    for r, prompt in enumerate(prompts):
         tokens = x_cpu[r].tolist()
-        answer = next((i for i, t in enumerate(tokens) if t in model.eos_token_ids), G)
-        results.append(GenerationResult(prompts[r], tokens, model.decode(tokens[:answer]), answer, int(nfe[r]),
-                                        per_step[r], fpb[r].tolist(), float(finished_at[r]), traces[r]))
+        answer = next((i for i, t in enumerate(tokens) if t in model.eos_token_ids), cfg.gen_length)
+        results.append(GenerationResult(prompt, tokens, model.decode(tokens[:answer]), answer, int(state.nfe[r]),
+                                        state.tokens_per_step[r], state.forwards_per_block[r].tolist(),
+                                        float(state.finished_at[r]), traces[r]))
     return results
 
 
-def _predicted_eot(x, rows, logits, attn, eos_ids, mask_id, cut, n_commit):
-    """Official-code EoTP: among still-masked positions whose greedy prediction is end-of-text, commit
-    the most confident one and cut the sequence after it."""
-    T = logits.shape[1]
+def _predicted_eot(state: Rows, rows, logits, attn, eos_ids, cut, n_commit):
+    """Official-code EoTP: among still-masked positions whose greedy prediction is end-of-text, commit the most
+    confident one and cut the sequence after it. `logits` [R, T - P, V] cover the generation region."""
+    P, T = state.P, attn.shape[1]
     top, arg = logits.float().max(dim=-1)
     conf = torch.exp(top - logits.float().logsumexp(dim=-1))
-    cand = (x[rows, :T] == mask_id) & attn & torch.isin(arg, eos_ids)
+    cand = (state.x[rows, P:T] == state.mask_id) & attn[:, P:] & torch.isin(arg, eos_ids)
     score = torch.where(cand, conf, -1.0)
     best_conf, best = score.max(dim=1)
     hit = best_conf >= 0
     if bool(hit.any()):
-        hit_rows = rows[hit]
-        x[hit_rows, best[hit]] = arg[hit, best[hit]]
-        cut = torch.where(hit, torch.minimum(cut, best), cut)
+        state.x[rows[hit], P + best[hit]] = arg[hit, best[hit]]
+        cut = torch.where(hit, torch.minimum(cut, P + best), cut)
         n_commit = n_commit + hit.long()
     return cut, n_commit
-
-
-def _advance_blocks(x, rows, block, step, schedule, active, end, P, S, nb, spb, mask_id):
-    """Move rows whose block has no masks left to their next block that still has some; retire finished rows."""
-    starts = P + block[rows] * S
-    span = starts[:, None] + torch.arange(S, device=x.device)
-    done = ~((x[rows[:, None], span.clamp(max=x.shape[1] - 1)] == mask_id) & (span < end[rows, None])).any(dim=1)
-    for r in rows[done].tolist():
-        while True:
-            block[r] += 1
-            start = P + int(block[r]) * S
-            if int(block[r]) >= nb or start >= int(end[r]):
-                active[r] = False
-                break
-            count = int((x[r, start:min(start + S, int(end[r]))] == mask_id).sum())
-            if count:
-                step[r] = 0
-                schedule[r] = policies.transfer_schedule(torch.tensor([count], device=x.device), spb)[0]
-                break
 
 
 def _split_traces(records, B: int) -> list[Trace | None]:

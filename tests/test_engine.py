@@ -8,10 +8,19 @@ from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, generate
 from reference import llada_generate
 
 PROMPTS = prompts_of_lengths(5, 11, 3, 8)
+# Every equivalence runs on a transformers masked LM (ModernBERT) and on this project's LLaDA.
+ARCHS = ["modernbert", "llada"]
+
+
+@pytest.fixture(params=ARCHS)
+def models(request, toy, eos_toy, llada_toy, llada_eos_toy):
+    """(plain model, model that ends its answers) of one architecture."""
+    return (toy, eos_toy) if request.param == "modernbert" else (llada_toy, llada_eos_toy)
 
 
 @pytest.mark.parametrize("gen_length,block_size,steps", [(32, 8, 32), (32, 8, 16), (48, 16, 12), (64, 32, 64), (32, 32, 8)])
-def test_vanilla_matches_llada_reference(toy, gen_length, block_size, steps):
+def test_vanilla_matches_llada_reference(models, gen_length, block_size, steps):
+    toy = models[0]
     out = generate(toy, PROMPTS, DecodeConfig(gen_length=gen_length, block_size=block_size, steps=steps))
     for prompt, res in zip(PROMPTS, out):
         assert res.token_ids == llada_generate(toy, prompt, gen_length, block_size, steps, MASK)
@@ -39,8 +48,8 @@ def _configs():
 
 
 @pytest.mark.parametrize("name,kw", list(_configs()), ids=[n for n, _ in _configs()])
-def test_batched_equals_per_row(toy, eos_toy, name, kw):
-    model = eos_toy if "eotp" in name else toy
+def test_batched_equals_per_row(models, name, kw):
+    model = models[1] if "eotp" in name else models[0]
     if kw.get("references") == "vanilla":   # the oracle's reference: the model's own greedy answer
         kw = {**kw, "references": [r.token_ids for r in generate(model, PROMPTS, DecodeConfig(gen_length=32, block_size=8))]}
     cfg = DecodeConfig(gen_length=32, block_size=8, **kw)
@@ -116,13 +125,14 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, logits_at=None):
         self.inputs.append(input_ids.clone())
-        return self.model(input_ids, attention_mask)
+        return self.model(input_ids, attention_mask, logits_at)
 
 
 @pytest.mark.parametrize("mode", ["commit", "predict"])
-def test_eotp_stops_decoding_after_end_of_text(eos_toy, mode):
+def test_eotp_stops_decoding_after_end_of_text(models, mode):
+    eos_toy = models[1]
     cfg = dict(gen_length=64, block_size=8)
     for prompt in PROMPTS:
         plain = generate(eos_toy, [prompt], DecodeConfig(**cfg))[0]
@@ -135,7 +145,11 @@ def test_eotp_stops_decoding_after_end_of_text(eos_toy, mode):
             gen = seq[0, len(prompt):].tolist()
             if EOS in gen:
                 assert len(gen) == gen.index(EOS) + 1
-        assert len(rec.inputs[-1][0]) == len(prompt) + first + 1
+        # The sequence shrinks to the end-of-text (an earlier end-of-text committed in the last step may shorten it
+        # once more, with no forward after it) and never below it.
+        lengths = [len(seq[0]) for seq in rec.inputs]
+        assert lengths == sorted(lengths, reverse=True) and lengths[-1] >= len(prompt) + first + 1
+        assert lengths[-1] < len(prompt) + 64
         assert all(n == 0 for n in cut.forwards_per_block[first // 8 + 1:])
         assert cut.nfe < plain.nfe and cut.nfe == len(rec.inputs)
         assert cut.answer_tokens == first
