@@ -33,12 +33,13 @@ class TimedModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, input_ids, attention_mask=None, logits_at=None):
+    def __call__(self, input_ids, attention_mask=None, logits_at=None, **cache_args):
         start = time.perf_counter()
-        logits = self.model(input_ids, attention_mask, logits_at)
+        out = self.model(input_ids, attention_mask, logits_at, **cache_args)
+        logits = out[0] if isinstance(out, tuple) else out
         _sync(logits.device)
         self.seconds += time.perf_counter() - start
-        return logits
+        return out
 
 
 class TimedFunctions:

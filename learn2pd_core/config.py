@@ -11,6 +11,10 @@ POLICIES = ("vanilla", "threshold", "factor", "egp", "learn2pd")
 # "predict": the official code's variant (truncate at the most confident *predicted* end-of-text).
 EOTP_MODES = ("commit", "predict")
 DEFAULT_THRESHOLD = {"threshold": 0.9, "learn2pd": 0.96}
+# KV cache (Fast-dLLM's, as in the paper): "prefix" reuses the keys/values before the block, "dual" also those
+# after it. "block" refreshes them at each block's first step; "step" at every step (exact: a check, no speed-up).
+CACHE_MODES = ("prefix", "dual")
+CACHE_REFRESH = ("block", "step")
 
 
 @dataclass
@@ -26,6 +30,8 @@ class DecodeConfig:
     filter: Any = None                # FilterMLP or a path to one (learn2pd only)
     references: Sequence[Sequence[int]] | None = field(default=None, repr=False)  # egp: one gen_length id list per prompt
     seed: int = 0
+    cache: str | None = None          # None, "prefix" or "dual" (LLaDA checkpoints only)
+    cache_refresh: str = "block"      # "block" (Fast-dLLM) or "step" (exact; for checking the cached path)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -48,6 +54,10 @@ class DecodeConfig:
             self.eotp = None
         if self.eotp is not None and self.eotp not in EOTP_MODES:
             raise ConfigError(f"unknown eotp mode {self.eotp!r}; choose None, 'commit' (paper) or 'predict' (official code)")
+        if self.cache is not None and self.cache not in CACHE_MODES:
+            raise ConfigError(f"unknown cache {self.cache!r}; choose None, 'prefix' or 'dual'")
+        if self.cache_refresh not in CACHE_REFRESH:
+            raise ConfigError(f"unknown cache_refresh {self.cache_refresh!r}; choose 'block' (default) or 'step'")
         if self.factor <= 0:
             raise ConfigError(f"factor {self.factor} must be > 0 (Fast-dLLM default 1.0)")
         self._check_threshold()
@@ -84,22 +94,27 @@ class DecodeConfig:
 
     @classmethod
     def from_method(cls, method: str, **settings) -> "DecodeConfig":
-        """Config for a method name as used on command lines: a policy, optionally '+eotp' or '+eotp-predict',
-        optionally '@τ' (e.g. 'learn2pd+eotp', 'threshold@0.7'); `settings` supply the rest (gen_length,
-        filter, references, ...)."""
+        """Config for a method name as used on command lines: a policy, then optionally '+eotp' or
+        '+eotp-predict', '+prefix' or '+dual' (KV cache), and '@τ' (e.g. 'learn2pd+eotp+dual@0.9',
+        'threshold+prefix', 'threshold@0.7'); `settings` supply the rest (gen_length, filter, references, ...)."""
         name, _, tau = method.partition("@")
-        policy, _, suffix = name.partition("+")
-        modes = {"": None, "eotp": "commit", "eotp-predict": "predict"}
-        if suffix not in modes:
-            raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
-                              "by +eotp or +eotp-predict and @<threshold>")
+        policy, *suffixes = name.split("+")
+        modes = {"eotp": ("eotp", "commit"), "eotp-predict": ("eotp", "predict"), "prefix": ("cache", "prefix"),
+                 "dual": ("cache", "dual")}
+        chosen = {}
+        for suffix in suffixes:
+            key, value = modes.get(suffix, (None, None))
+            if key is None or key in chosen:
+                raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
+                                  "by +eotp or +eotp-predict, by +prefix or +dual, and by @<threshold>")
+            chosen[key] = value
         if tau:
             try:
                 settings = {**settings, "threshold": float(tau)}
             except ValueError:
                 raise ConfigError(f"method {method!r}: {tau!r} after '@' is not a threshold; write e.g. "
                                   f"{name}@0.9") from None
-        return cls(policy=policy, eotp=modes[suffix], **settings)
+        return cls(policy=policy, **{**settings, **chosen})
 
     @property
     def num_blocks(self) -> int:
@@ -122,4 +137,4 @@ class DecodeConfig:
         """JSON-friendly summary for manifests and sidecars (no references, no filter weights)."""
         return {"gen_length": self.gen_length, "block_size": self.block_size, "steps": self.steps,
                 "temperature": self.temperature, "policy": self.policy, "threshold": self.tau,
-                "factor": self.factor, "eotp": self.eotp, "seed": self.seed}
+                "factor": self.factor, "eotp": self.eotp, "seed": self.seed, "cache": self.cache}

@@ -16,6 +16,7 @@ import torch
 from . import policies
 from .config import DecodeConfig
 from .errors import ConfigError
+from .forward import BlockForward
 from .model import DiffusionLM
 
 
@@ -46,6 +47,9 @@ class GenerationResult:
 def generate(model: DiffusionLM, prompts: Sequence[str | Sequence[int]], config: DecodeConfig,
              *, batch_size: int | None = None) -> list[GenerationResult]:
     """Decode every prompt (text goes through the model's prompt template; id lists are used as they are)."""
+    if config.cache and not getattr(model, "native", False):
+        raise ConfigError(f"cache={config.cache!r} needs a LLaDA checkpoint (model_type llada), which learn2pd runs "
+                          f"natively; {getattr(model, 'name', 'this model')} is not one: decode it without a cache")
     ids = [_prompt_ids(model, p, i, config.gen_length) for i, p in enumerate(prompts)]
     refs = config.references
     if config.policy == "egp" and len(refs) != len(ids):
@@ -108,7 +112,6 @@ class Rows:
     step: torch.Tensor            # [B] step within the block
     schedule: torch.Tensor        # [B, steps_per_block] tokens the top-k commits at each step of the block
     active: torch.Tensor          # [B] bool: still decoding
-    nfe: np.ndarray               # [B] forward passes that included the row
     forwards_per_block: np.ndarray  # [B, num_blocks]
     tokens_per_step: list[list[int]]
     finished_at: np.ndarray       # [B] seconds from the batch's start
@@ -128,7 +131,7 @@ class Rows:
         return cls(x, real, end=torch.full((B,), P + G, dtype=torch.long, device=dev),
                    block=torch.zeros(B, dtype=torch.long, device=dev), step=torch.zeros(B, dtype=torch.long, device=dev),
                    schedule=policies.transfer_schedule(torch.full((B,), S, device=dev), cfg.steps_per_block),
-                   active=torch.ones(B, dtype=torch.bool, device=dev), nfe=np.zeros(B, dtype=np.int64),
+                   active=torch.ones(B, dtype=torch.bool, device=dev),
                    forwards_per_block=np.zeros((B, cfg.num_blocks), dtype=np.int64),
                    tokens_per_step=[[] for _ in range(B)], finished_at=np.zeros(B), P=P, cfg=cfg, mask_id=mask_id)
 
@@ -157,12 +160,11 @@ class Rows:
         self.x[rows] = torch.where(tail, fill, self.x[rows])
         self.end[rows] = new_end
 
-    def finish_step(self, rows: torch.Tensor, committed: torch.Tensor, now: float):
-        """Count the forward and the commits, move rows whose block is done to their next block that still has
+    def finish_step(self, rows: torch.Tensor, committed: torch.Tensor, now: float, forwards: int = 1):
+        """Count the step's forwards and commits, move rows whose block is done to their next block that still has
         masks, and retire rows that have none left."""
         rows_np = rows.cpu().numpy()
-        self.nfe[rows_np] += 1
-        self.forwards_per_block[rows_np, self.block[rows].cpu().numpy()] += 1
+        self.forwards_per_block[rows_np, self.block[rows].cpu().numpy()] += forwards
         for r, n in zip(rows_np.tolist(), committed.tolist()):
             self.tokens_per_step[r].append(n)
         self.step[rows] += 1
@@ -200,19 +202,16 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
     filt = cfg.filter.to(dev) if cfg.policy == "learn2pd" else None
     generators = [torch.Generator(device=dev).manual_seed(_row_seed(cfg.seed, p)) for p in prompts] \
         if cfg.temperature > 0 else None
+    runner = BlockForward(model, x, state.real, state.end, P, cfg.block_size, cfg.cache, cfg.cache_refresh)
     records = []
     t0 = time.perf_counter()
 
     while (rows := state.live()).numel():
-        T = int(state.end[rows].max())
-        attn = state.attention(rows, T)
         pos = state.block_positions(rows)                              # [R, S]
         live = pos < state.end[rows, None]                             # positions not cut by EoTP
-        # Logits only where they are read: the block, or (EoTP "predict") the whole generation region.
-        region = torch.arange(P, T, device=dev).expand(len(rows), -1) if cfg.eotp == "predict" else pos.clamp(max=T - 1)
-        logits = model(x[rows, :T], None if bool(attn.all()) else attn, logits_at=region)   # [R, S or T - P, V]
-        block_logits = logits.gather(1, (pos.clamp(max=T - 1) - P)[..., None].expand(-1, -1, logits.shape[-1])) \
-            if cfg.eotp == "predict" else logits
+        # Logits only where they are read: the block, or (EoTP "predict") the generation region from the block on.
+        out = runner(rows, pos[:, 0], state.step[rows] == 0, "generation" if cfg.eotp == "predict" else "block")
+        block_logits = out.at(pos)                                     # [R, S, V]
         pred, conf = _predict(block_logits, cfg.temperature,
                               [generators[i] for i in rows.tolist()] if generators else None, mask_id)
         # Cut positions are end-of-text and take no part in the forward: fixed values keep rows independent.
@@ -241,9 +240,9 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
         if cfg.eotp:
             cut = torch.where(commit & torch.isin(pred, eos_ids), pos, x.shape[1]).min(dim=1).values
             if cfg.eotp == "predict":
-                cut, n_commit = _predicted_eot(state, rows, logits, attn, eos_ids, cut, n_commit)
+                cut, n_commit = _predicted_eot(state, rows, runner, eos_ids, cut, n_commit)
             state.cut(rows, cut, eos_fill)
-        state.finish_step(rows, n_commit, time.perf_counter() - t0)
+        state.finish_step(rows, n_commit, time.perf_counter() - t0, runner.forwards_per_step)
 
     x_cpu = x[:, P:].cpu()
     traces = _split_traces(records, len(prompts)) if cfg.policy == "egp" else [None] * len(prompts)
@@ -251,25 +250,26 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
     for r, prompt in enumerate(prompts):
         tokens = x_cpu[r].tolist()
         answer = next((i for i, t in enumerate(tokens) if t in model.eos_token_ids), cfg.gen_length)
-        results.append(GenerationResult(prompt, tokens, model.decode(tokens[:answer]), answer, int(state.nfe[r]),
+        results.append(GenerationResult(prompt, tokens, model.decode(tokens[:answer]), answer,
+                                        int(state.forwards_per_block[r].sum()),
                                         state.tokens_per_step[r], state.forwards_per_block[r].tolist(),
                                         float(state.finished_at[r]), traces[r]))
     return results
 
 
-def _predicted_eot(state: Rows, rows, logits, attn, eos_ids, cut, n_commit):
-    """Official-code EoTP: among still-masked positions whose greedy prediction is end-of-text, commit the most
-    confident one and cut the sequence after it. `logits` [R, T - P, V] cover the generation region."""
-    P, T = state.P, attn.shape[1]
-    top, arg = logits.float().max(dim=-1)
-    conf = torch.exp(top - logits.float().logsumexp(dim=-1))
-    cand = (state.x[rows, P:T] == state.mask_id) & attn[:, P:] & torch.isin(arg, eos_ids)
-    score = torch.where(cand, conf, -1.0)
-    best_conf, best = score.max(dim=1)
+def _predicted_eot(state: Rows, rows, runner: BlockForward, eos_ids, cut, n_commit):
+    """Official-code EoTP: among still-masked positions of the generation region whose greedy prediction is
+    end-of-text, commit the most confident one and cut the sequence after it."""
+    L = state.x.shape[1]
+    span = torch.arange(L, device=state.x.device)
+    conf, pred = runner.pred_conf[rows], runner.pred_id[rows]           # [R, L]
+    cand = (state.x[rows] == state.mask_id) & (span >= state.P) & (span < state.end[rows, None]) & (conf >= 0) \
+        & torch.isin(pred, eos_ids)
+    best_conf, best = torch.where(cand, conf, -1.0).max(dim=1)
     hit = best_conf >= 0
     if bool(hit.any()):
-        state.x[rows[hit], P + best[hit]] = arg[hit, best[hit]]
-        cut = torch.where(hit, torch.minimum(cut, P + best), cut)
+        state.x[rows[hit], best[hit]] = pred[hit, best[hit]]
+        cut = torch.where(hit, torch.minimum(cut, best), cut)
         n_commit = n_commit + hit.long()
     return cut, n_commit
 

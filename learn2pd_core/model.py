@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 from .llada import MODEL_TYPE as LLADA, LLaDA, LLaDAConfig, load_llada, positions_from_mask
 
 TINY_CHECKPOINT = Path(__file__).parent / "tiny" / "checkpoint"
@@ -45,14 +45,21 @@ class DiffusionLM:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T], attention_mask [B, T] (False: padding or cut, never attended; None: all real),
-        logits_at [B, K] positions to return logits for (None: all) -> logits [B, K or T, V]."""
+                 logits_at: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
+                 past_kv=None, return_kv: bool = False):
+        """input_ids [B, T], attention_mask [B, Tp + T] (False: padding or cut, never attended; None: all real),
+        logits_at [B, K] positions to return logits for (None: all) -> logits [B, K or T, V].
+        LLaDA only: positions [B, T] (default: counted from each row's first real token, so a left-padded row is
+        the row alone exactly), past_kv (keys/values of Tp positions not recomputed, from a KV cache) and
+        return_kv (-> (logits, per-layer keys/values) to fill one)."""
         if self.native:
-            # Positions count from each row's first real token, so a left-padded row is the row alone exactly.
-            positions = None if attention_mask is None else positions_from_mask(attention_mask)
-            # A KV cache joins here: past_kv for the positions not recomputed, return_kv to refresh it.
-            return self.model(input_ids, attention_mask, positions, logits_at=logits_at).logits
+            if positions is None and attention_mask is not None and past_kv is None:
+                positions = positions_from_mask(attention_mask)
+            out = self.model(input_ids, attention_mask, positions, past_kv, logits_at, return_kv)
+            return (out.logits, out.kv) if return_kv else out.logits
+        if positions is not None or past_kv is not None or return_kv:
+            raise ConfigError(f"{self.name}: a KV cache needs a LLaDA checkpoint (model_type llada), which learn2pd "
+                              "runs natively; decode this model without cache")
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         if logits_at is None:
             return logits

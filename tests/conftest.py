@@ -53,7 +53,7 @@ class EosAfterLLaDA(LLaDA):
     offset, bias = 30, 30.0
 
     def forward(self, input_ids, attention_mask=None, positions=None, past_kv=None, logits_at=None, return_kv=False):
-        out = super().forward(input_ids, attention_mask, positions)
+        out = super().forward(input_ids, attention_mask, positions, past_kv, None, return_kv)
         pos = positions if positions is not None else torch.arange(input_ids.shape[1]).expand(input_ids.shape)
         out.logits[..., EOS] += self.bias * (pos >= self.offset)
         if logits_at is not None:

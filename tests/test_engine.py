@@ -125,9 +125,9 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, input_ids, attention_mask=None, logits_at=None):
+    def __call__(self, input_ids, attention_mask=None, logits_at=None, **cache_args):
         self.inputs.append(input_ids.clone())
-        return self.model(input_ids, attention_mask, logits_at)
+        return self.model(input_ids, attention_mask, logits_at, **cache_args)
 
 
 @pytest.mark.parametrize("mode", ["commit", "predict"])

@@ -1,0 +1,144 @@
+"""The KV cache (prefix and dual): exact when refreshed every step, batched == per-row, memory that follows the
+rows still decoding, and method names that compose."""
+import pytest
+import torch
+
+from conftest import prompts_of_lengths
+from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, generate
+
+PROMPTS = prompts_of_lengths(5, 11, 3, 8)
+
+
+def _filter():
+    torch.manual_seed(0)
+    return FilterMLP(block_size=8).double()
+
+
+def _policies():
+    yield "vanilla", {}
+    yield "vanilla-steps", dict(steps=16)
+    yield "vanilla-sampled", dict(temperature=0.7, seed=3)
+    yield "threshold", dict(policy="threshold", threshold=0.5)
+    yield "factor", dict(policy="factor", factor=2.0)
+    yield "egp", dict(policy="egp", references="vanilla")
+    yield "learn2pd", dict(policy="learn2pd", filter=_filter(), threshold=0.5)
+
+
+def _cases():
+    for name, kw in _policies():
+        for eotp in (None, "commit", "predict"):
+            yield f"{name}{'+eotp-' + eotp if eotp else ''}", {**kw, "eotp": eotp}
+
+
+def _config(model, kw, prompts, **extra):
+    kw = dict(kw)
+    if kw.get("references") == "vanilla":   # the oracle's reference: the model's own greedy answer, no cache
+        kw["references"] = [r.token_ids for r in generate(model, prompts, DecodeConfig(gen_length=32, block_size=8))]
+    return DecodeConfig(gen_length=32, block_size=8, **kw, **extra)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("name,kw", list(_cases()), ids=[n for n, _ in _cases()])
+def test_refreshing_every_step_reproduces_no_cache(llada_toy, llada_eos_toy, cache, name, kw):
+    """Keys/values stored fresh before each step's cached forward: the cached path must give the no-cache tokens."""
+    model = llada_eos_toy if kw["eotp"] else llada_toy
+    plain = generate(model, PROMPTS, _config(model, kw, PROMPTS))
+    cached = generate(model, PROMPTS, _config(model, kw, PROMPTS, cache=cache, cache_refresh="step"))
+    for p, c in zip(plain, cached):
+        assert c.token_ids == p.token_ids
+        assert c.tokens_per_step == p.tokens_per_step
+        assert c.nfe == 2 * p.nfe                      # a refresh and a cached forward every step
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("name,kw", list(_cases()), ids=[n for n, _ in _cases()])
+def test_cached_batch_equals_per_row(llada_toy, llada_eos_toy, cache, name, kw):
+    """Rows in different blocks, with different ends (EoTP), share each forward and still decode as alone."""
+    model = llada_eos_toy if kw["eotp"] else llada_toy
+    batched = generate(model, PROMPTS, _config(model, kw, PROMPTS, cache=cache))
+    for i, (prompt, b) in enumerate(zip(PROMPTS, batched)):
+        row_kw = {**kw, "references": "vanilla"} if kw.get("references") else kw
+        single = generate(model, [prompt], _config(model, row_kw, [prompt], cache=cache))[0]
+        assert b.token_ids == single.token_ids
+        assert (b.nfe, b.tokens_per_step, b.forwards_per_block) == (single.nfe, single.tokens_per_step,
+                                                                   single.forwards_per_block)
+
+
+def test_the_cache_is_an_approximation_that_differs_from_no_cache(llada_toy):
+    # Guards the tests above against a cache that silently recomputes everything: stale keys/values change logits.
+    cfg = dict(gen_length=32, block_size=8, policy="threshold", threshold=0.5)
+    plain = generate(llada_toy, PROMPTS, DecodeConfig(**cfg))
+    for cache in ("prefix", "dual"):
+        cached = generate(llada_toy, PROMPTS, DecodeConfig(**cfg, cache=cache))
+        assert [r.token_ids for r in cached] != [r.token_ids for r in plain]
+
+
+def test_cached_forwards_cover_only_what_the_mode_recomputes(llada_toy):
+    """prefix: the block and after; dual: the block; a block's first step: the whole live sequence."""
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(llada_toy, name)
+
+        def __call__(self, input_ids, attention_mask=None, logits_at=None, **cache_args):
+            seen.append((input_ids.shape[1], "past_kv" in cache_args and cache_args["past_kv"] is not None))
+            return llada_toy(input_ids, attention_mask, logits_at, **cache_args)
+
+    prompt = PROMPTS[1]                                  # 11 tokens, then 32 generated in blocks of 8
+    for cache in ("prefix", "dual"):
+        seen.clear()
+        res = generate(Spy(), [prompt], DecodeConfig(gen_length=32, block_size=8, cache=cache))[0]
+        assert len(seen) == res.nfe == 32
+        step = 0
+        for block in range(4):
+            for s in range(8):
+                width, cached = seen[step]
+                if s == 0:
+                    assert (width, cached) == (11 + 32, False)
+                else:
+                    assert cached and width == (8 if cache == "dual" else 32 - 8 * block)
+                step += 1
+
+
+def test_cache_memory_follows_the_rows_still_decoding(llada_eos_toy):
+    from learn2pd_core.forward import BlockForward
+    import learn2pd_core.engine as engine
+
+    sizes = []
+    original = BlockForward._compact
+
+    def spy(self, live):
+        original(self, live)
+        sizes.append((len(live), self.cache_bytes()))
+
+    engine.BlockForward._compact = spy
+    try:
+        prompts = prompts_of_lengths(5, 11, 3, 8, 6, 9)
+        generate(llada_eos_toy, prompts, DecodeConfig(gen_length=64, block_size=8, eotp="commit", cache="dual"))
+    finally:
+        engine.BlockForward._compact = original
+    allocated = [(n, b) for n, b in sizes if b]
+    first_rows, first_bytes = allocated[0]
+    assert first_rows == 6
+    per_row = first_bytes / first_rows
+    assert all(b == n * per_row for n, b in allocated)   # one slot per live row, nothing more
+    assert min(n for n, _ in allocated) < 6              # rows left (EoTP) and took their slots with them
+
+
+def test_method_names_compose_with_the_cache():
+    cfg = DecodeConfig.from_method("learn2pd+eotp+dual@0.9", gen_length=32, block_size=8, filter=FilterMLP(8))
+    assert (cfg.policy, cfg.eotp, cfg.cache, cfg.tau) == ("learn2pd", "commit", "dual", 0.9)
+    cfg = DecodeConfig.from_method("threshold+prefix", gen_length=32, block_size=8)
+    assert (cfg.policy, cfg.eotp, cfg.cache) == ("threshold", None, "prefix")
+    assert DecodeConfig.from_method("vanilla+dual+eotp-predict", gen_length=32, block_size=8).eotp == "predict"
+    for bad in ("threshold+dual+prefix", "threshold+eotp+eotp", "threshold+kv"):
+        with pytest.raises(ConfigError, match="unknown method"):
+            DecodeConfig.from_method(bad, gen_length=32, block_size=8)
+    with pytest.raises(ConfigError, match="unknown cache"):
+        DecodeConfig(gen_length=32, block_size=8, cache="full")
+
+
+def test_a_cache_on_a_model_without_one_is_refused_at_once(toy):
+    with pytest.raises(ConfigError, match="needs a LLaDA checkpoint"):
+        generate(toy, PROMPTS, DecodeConfig(gen_length=32, block_size=8, cache="dual"))
