@@ -8,11 +8,11 @@ from learn2pd_core.bench import forward_roofline, roofline_lines
 def test_forward_roofline_counts_every_matmul_and_the_attention():
     model = load_model("tiny")
     c = model.model.config
-    d, T = c.hidden_size, 40
-    # per token: q, k, v, o and the MLP in every layer, then the LM head's dense layer and its decoder
-    macs_per_token = c.num_hidden_layers * (4 * d * d + 2 * d * c.intermediate_size) + d * d + d * c.vocab_size
+    d, T = c.d_model, 40
+    # per token: q, k, v, o and the gated MLP's three matrices in every layer, then the output layer
+    macs_per_token = c.n_layers * (4 * d * d + 3 * d * c.mlp_hidden_size) + d * c.vocab_size
     # per layer: scores (T x T over d) and the weighted sum of values, 2 FLOPs per multiply-add each
-    attention = c.num_hidden_layers * 2 * (2 * T * T * d)
+    attention = c.n_layers * 2 * (2 * T * T * d)
     one_row = 2 * T * macs_per_token + attention
 
     roof = forward_roofline(model, T, batch_sizes=(1, 3), repeats=1)

@@ -3,11 +3,8 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from conftest import random_mlm
-from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, ModelLoadError, fit_filter, generate, load_filter, load_model, save_filter
+from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, ModelLoadError, fit_filter, load_filter, load_model, save_filter
 
 
 def test_filter_has_the_papers_2112_parameters_at_block_32():
@@ -38,32 +35,6 @@ def test_filter_errors_name_the_problem(tmp_path):
     (tmp_path / "filter.json").write_text(json.dumps({"block_size": 16, "hidden": 8, "layers": 2}))
     with pytest.raises(ConfigError, match="do not match its sidecar"):
         load_filter(tmp_path)
-
-
-def _save_checkpoint(path):
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 ")
-    specials = ["<pad>", "<s>", "<eos>"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    vocab["<mask>"] = 47
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    raw.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", mask_token="<mask>")
-    tok.save_pretrained(path)
-    random_mlm().float().save_pretrained(path)
-
-
-def test_load_model_from_a_local_checkpoint(tmp_path):
-    _save_checkpoint(tmp_path)
-    model = load_model(str(tmp_path), device="cpu")
-    assert (model.mask_token_id, model.eos_token_ids, model.pad_token_id) == (47, (2,), 0)
-    assert model.device.type == "cpu" and model.max_length == 512
-    ids = model.encode_prompt("abc 12")
-    assert model.decode(ids) == "abc 12"
-    logits = model(torch.tensor([ids]))
-    assert logits.shape == (1, len(ids), 48)
-    res = generate(model, ["abc", "hello world"], DecodeConfig(gen_length=16, block_size=8))
-    assert [len(r.token_ids) for r in res] == [16, 16] and all(r.nfe == 16 for r in res)
 
 
 def test_missing_weights_give_one_clear_error(tmp_path, monkeypatch):

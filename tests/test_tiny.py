@@ -1,4 +1,5 @@
 """Tests for the embedded tiny diffusion LM: checkpoint, tokenizer, task suite, training script."""
+import json
 import random
 from pathlib import Path
 
@@ -16,37 +17,36 @@ def examples():
     return tasks.instruction_examples(20, seed=0) + tasks.benchmark_examples(20, seed=0)
 
 
-def test_checkpoint_loads_offline_with_auto_classes(monkeypatch):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+def test_embedded_model_is_a_llada_in_the_hub_layout(monkeypatch):
+    from learn2pd_core import load_model
+    from learn2pd_core.llada import LLaDA
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok = AutoTokenizer.from_pretrained(CKPT)
-    model = AutoModelForMaskedLM.from_pretrained(CKPT).eval()
-    assert model.config.model_type == "xlm-roberta-xl"
-    assert not model.config.is_decoder   # bidirectional
-    assert tok.mask_token_id != tok.pad_token_id and tok.eos_token_id not in (tok.mask_token_id,)
+    config = json.loads((CKPT / "config.json").read_text())
+    assert config["model_type"] == "llada" and {"d_model", "n_layers", "n_heads", "mlp_hidden_size", "rope_theta",
+                                                "mask_token_id", "max_sequence_length"} <= set(config)
     assert sum(f.stat().st_size for f in CKPT.iterdir()) < 20e6
-    ids = tok.apply_chat_template([{"role": "user", "content": "Count from 3 to 6."}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=False)
-    ids = ids + [tok.mask_token_id] * 32
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits
-    assert logits.shape == (1, len(ids), model.config.vocab_size)
+    model = load_model("tiny", device="cpu")
+    assert isinstance(model.model, LLaDA) and model.native           # the class LLaDA-8B loads with
+    tok = model.tokenizer
+    assert (model.mask_token_id, model.eos_token_ids, model.pad_token_id) == \
+        (tok.mask_token_id, (tok.eos_token_id,), tok.pad_token_id)
+    ids = model.encode_prompt("Count from 3 to 6.") + [model.mask_token_id] * 32
+    logits = model(torch.tensor([ids]))
+    assert logits.shape == (1, len(ids), config["vocab_size"])
     # the trained model knows the answer is short: the last masked position is end-of-text
     assert logits[0, -1].argmax().item() == tok.eos_token_id
 
 
 def test_left_padding_is_exact():
-    """Positions count from the first non-pad token: a left-padded row gives the unpadded row's logits."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(CKPT)
-    model = AutoModelForMaskedLM.from_pretrained(CKPT).eval()
-    ids = tok("<|user|>Reverse the word 'abc'.\n<|assistant|>")["input_ids"] + [tok.mask_token_id] * 8
-    padded = [tok.pad_token_id] * 5 + ids
-    with torch.no_grad():
-        a = model(input_ids=torch.tensor([ids])).logits[0]
-        b = model(input_ids=torch.tensor([padded]),
-                  attention_mask=torch.tensor([[0] * 5 + [1] * len(ids)])).logits[0, 5:]
-    assert torch.allclose(a, b, atol=1e-4)
+    """The runner counts positions from the first real token and masks the padding: a left-padded row gives the
+    unpadded row's logits."""
+    from learn2pd_core import load_model
+    model = load_model("tiny", device="cpu")
+    ids = model.encode_prompt("Reverse the word 'abc'.") + [model.mask_token_id] * 8
+    padded = torch.tensor([[model.pad_token_id] * 5 + ids])
+    a = model(torch.tensor([ids]))[0]
+    b = model(padded, torch.tensor([[False] * 5 + [True] * len(ids)]))[0, 5:]
+    assert (a - b).abs().max() <= 1e-4
 
 
 def test_tokenizer_round_trips_task_alphabet(examples):
@@ -142,6 +142,8 @@ def test_training_script_reduces_loss(tmp_path):
     model, tok, info = train(str(tmp_path), seed=1000, tiny=True, log_every=10**9)
     assert info["fixed_eval_loss_after"] < 0.8 * info["fixed_eval_loss_before"]
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    from learn2pd_core import load_model
+    assert load_model(str(tmp_path), device="cpu").native          # what training writes, load_model reads
     # reproducible: same seed, same weights
     model2, _, _ = train(None, seed=1000, tiny=True, log_every=10**9, steps=3)
     model3, _, _ = train(None, seed=1000, tiny=True, log_every=10**9, steps=3)
