@@ -19,7 +19,8 @@ from learn2pd_core import Learn2PDError, load_filter, load_model
 from learn2pd_core.bench import compare_methods, fit_filter_on, forward_roofline, markdown_table, roofline_lines
 from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
 
-METHODS = ["vanilla", "threshold", "factor", "egp", "learn2pd", "vanilla+eotp", "learn2pd+eotp"]
+METHODS = ["vanilla", "threshold", "factor", "egp", "learn2pd", "vanilla+eotp", "learn2pd+eotp",
+           "vanilla+dual", "threshold+dual", "learn2pd+eotp+dual"]
 
 
 def main(argv=None):
@@ -31,7 +32,7 @@ def main(argv=None):
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (policy[+eotp])")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (policy[+eotp][+prefix|+dual][@τ])")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
     ap.add_argument("--filter", help="filter directory; default: fit one on instruction-family EGP traces")
     ap.add_argument("--filter-prompts-per-task", type=int, default=3)

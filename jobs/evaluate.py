@@ -28,7 +28,7 @@ from learn2pd_core.evaluation import (aup_table, evaluate_examples, expand_metho
                                       target_checks)
 from learn2pd_core.placement import plan_actors  # noqa: E402
 
-METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp"
+METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp,threshold+dual,learn2pd+eotp+dual"
 SWEEP = "0.5,0.7,0.8,0.9,0.95,0.99"
 PAPER = ("paper (LLaDA-8B-Instruct, GSM8K 5-shot, A100): Learn2PD+EoTP 4.21x over vanilla at gen 256 "
          "(78.62 vs 78.70), 22.58x at gen 1024 (79.83 vs 77.60)")
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", help="local benchmark data (e.g. ../shared/data) instead of the Hugging Face hub")
     ap.add_argument("--shots", type=int, help="few-shot examples (default per benchmark: gsm8k 5, math 4, humaneval 0, mbpp 3)")
     ap.add_argument("--methods", default=METHODS,
-                    help=f"comma list of policies with optional +eotp and @τ (default {METHODS}); vanilla always runs")
+                    help=f"comma list of policies with optional +eotp, +prefix/+dual (KV cache, LLaDA checkpoints) "
+                         f"and @τ (default {METHODS}); vanilla always runs")
     ap.add_argument("--sweep", default=SWEEP,
                     help=f"τ values swept for threshold and learn2pd, for the trade-off plot and AUP (default {SWEEP}; "
                          "'' for none)")

@@ -17,7 +17,7 @@ from learn2pd_core.tiny.tasks import instruction_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")
-METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp"
+METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp,threshold+dual,learn2pd+eotp+dual"
 FAST = ["--model", MODEL, "--benchmarks", "tiny", "--methods", METHODS, "--sweep", "0.7", "--block-size", "32",
         "--batch-size", "6", "--num-actors", "1"]
 
