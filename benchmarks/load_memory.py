@@ -4,10 +4,10 @@
     python benchmarks/load_memory.py --d-model 4096 --layers 32   # LLaDA-8B's dimensions (16 GB of disk)
 
 Writes a random checkpoint with LLaDA-8B's layout (bf16, sharded, index) to --dir, then loads it in a fresh
-process per dtype and reports that process's peak resident memory (ru_maxrss) above its footprint after
-importing torch and learn2pd_core, split into anonymous memory (copies) and file-backed pages (the memory-mapped
-shards, which the kernel can drop and re-read). Loading bf16 weights as bf16 should add no copy; as float32 it
-must add one float32 copy (2x the file), built tensor by tensor, never a second one.
+process per dtype and reports, above that process's footprint after importing torch and learn2pd_core, its
+anonymous memory (copies) and file-backed pages (the memory-mapped shards, which the kernel can drop and re-read),
+after the load and at their peak during it. Loading bf16 weights as bf16 on CPU should copy nothing (the weights
+stay mapped from the shards); as float32 it must add one float32 copy (2x the file), never a second one.
 """
 import argparse
 import json
@@ -22,18 +22,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learn2pd_core.llada import INDEX_FILE, LLaDA, LLaDAConfig, parameter_count  # noqa: E402
 
 PROBE = r"""
-import json, resource, sys, torch
+import json, sys, threading, time, torch
 from learn2pd_core import load_model
 def mem():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-    kb = lambda k: int(fields[k].split()[0]) * 1024 if k in fields else 0
-    return kb("RssAnon"), kb("RssFile")
-anon0, file0 = mem()
+    return [int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")]
+# Peaks by sampling (every 2 ms): ru_maxrss would also count the parent's memory at fork, which exec keeps.
+base, peak, done = mem(), mem(), threading.Event()
+def watch():
+    while not done.is_set():
+        peak[:] = [max(p, m) for p, m in zip(peak, mem())]
+        time.sleep(0.002)
+watcher = threading.Thread(target=watch)
+watcher.start()
 model = load_model(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]))
-anon1, file1 = mem()
-print(json.dumps({"base_anon": anon0, "base_file": file0, "anon": anon1, "file": file1,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "params": sum(p.numel() for p in model.model.parameters())}))
+done.set()
+watcher.join()
+after = mem()
+print(json.dumps({"anon": after[0] - base[0], "file": after[1] - base[1], "peak_anon": peak[0] - base[0],
+                  "peak_file": peak[1] - base[1], "params": sum(p.numel() for p in model.model.parameters())}))
 """
 
 
@@ -75,16 +82,14 @@ def main():
         size = write_checkpoint(folder, config)
         print(f"checkpoint: d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}: "
               f"{parameter_count(config) / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of bf16 shards")
-        print("| load as | anonymous memory added | file-backed pages added | peak RSS - footprint before | / file size |")
+        print("| load as | anonymous memory after | peak anonymous | peak file-backed (mapped shards) | peak anonymous / file size |")
         print("|---|---|---|---|---|")
         for dtype in ("bfloat16", "float32"):
             out = subprocess.run([sys.executable, "-c", PROBE, str(folder), dtype], capture_output=True, text=True,
                                  cwd=Path(__file__).resolve().parents[1], check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            peak = r["peak_rss"] - r["base_anon"] - r["base_file"]
-            print(f"| {dtype} | {(r['anon'] - r['base_anon']) / 2**30:.2f} GiB | {(r['file'] - r['base_file']) / 2**30:.2f} GiB "
-                  f"| {peak / 2**30:.2f} GiB | {peak / size:.2f}x |")
-
+            gib = lambda key: f"{r[key] / 2**30:.2f} GiB"
+            print(f"| {dtype} | {gib('anon')} | {gib('peak_anon')} | {gib('peak_file')} | {r['peak_anon'] / size:.2f}x |")
 
 if __name__ == "__main__":
     main()
