@@ -21,8 +21,9 @@ END_OF_TURN = "<|eot_id|>"
 
 
 class DiffusionLM:
-    """A loaded mask predictor and its tokenizer. Calling it runs one forward pass: the runner owns positions,
-    masks and which logits are computed (and, next, the KV cache)."""
+    """A loaded mask predictor and its tokenizer. Calling it runs one forward pass. Positions, masks, the KV
+    cache and which logits to compute are decided by the caller: the engine's per-batch runner
+    (`learn2pd_core.forward.BlockForward`)."""
 
     def __init__(self, model, tokenizer, mask_token_id: int, eos_token_ids: Sequence[int], pad_token_id: int,
                  name: str = "custom", use_chat_template: bool | None = None, max_length: int | None = None):
