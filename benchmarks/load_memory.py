@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from learn2pd_core.llada import INDEX_FILE, LLaDA, LLaDAConfig, parameter_count  # noqa: E402
+from learn2pd_core.llada import INDEX_FILE, LLaDA, LLaDAConfig  # noqa: E402
 
 PROBE = r"""
 import json, sys, threading, time, torch
@@ -77,11 +77,13 @@ def main():
     a = ap.parse_args()
     config = LLaDAConfig(d_model=a.d_model, n_heads=a.d_model // 128, n_layers=a.layers, mlp_hidden_size=3 * a.d_model,
                          vocab_size=a.vocab)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LLaDA(config).parameters())
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         folder = Path(tmp)
         size = write_checkpoint(folder, config)
         print(f"checkpoint: d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}: "
-              f"{parameter_count(config) / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of bf16 shards")
+              f"{params / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of bf16 shards")
         print("| load as | anonymous memory after | peak anonymous | peak file-backed (mapped shards) | peak anonymous / file size |")
         print("|---|---|---|---|---|")
         for dtype in ("bfloat16", "float32"):

@@ -139,10 +139,6 @@ class Rows:
         """Indices of the rows still decoding."""
         return self.active.nonzero().squeeze(1)
 
-    def attention(self, rows: torch.Tensor, T: int) -> torch.Tensor:
-        """[R, T] keys each row attends to: not padding, not cut by EoTP."""
-        return self.real[rows, :T] & (torch.arange(T, device=self.x.device) < self.end[rows, None])
-
     def block_positions(self, rows: torch.Tensor) -> torch.Tensor:
         """[R, S] absolute positions of each row's current block."""
         S = self.cfg.block_size

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-CACHE_MODES = ("prefix", "dual")
-
-
 @dataclass
 class StepLogits:
     positions: torch.Tensor   # [R, K] absolute positions whose logits were computed

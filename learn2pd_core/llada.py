@@ -286,8 +286,3 @@ def save_llada(model: LLaDA, path: str | Path) -> None:
     state = {n: p.detach().contiguous().cpu() for n, p in model.state_dict().items()}
     save_file(state, str(path / SINGLE_FILE), metadata={"format": "pt"})
 
-
-def parameter_count(config: LLaDAConfig) -> int:
-    d, h, kv = config.d_model, config.mlp_hidden_size, config.kv_heads * config.head_dim
-    block = 2 * d + 2 * d * d + 2 * d * kv + 3 * d * h
-    return config.vocab_size * d * (1 if config.weight_tying else 2) + config.n_layers * block + d
