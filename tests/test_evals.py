@@ -1,10 +1,16 @@
-"""learn2pd_core.evals on the real benchmark files in ../shared/data: gold solutions score as correct,
-corrupted ones fail, prompts follow the harness conventions, bad names and paths give one clear error.
-Code benchmarks run in the sandbox, concurrently, to stay fast on a 2-core machine."""
+"""learn2pd_core.evals on the real benchmark files: gold solutions score as correct, corrupted ones fail,
+prompts follow the harness conventions, bad names and paths give one clear error.
+Code benchmarks run in the sandbox, concurrently, to stay fast on a 2-core machine.
+
+Every test runs on the slices in tests/data/benchmarks (real rows, cut as its README says), so a bare clone
+runs them all. The full sets (../shared/data beside the checkout, as CI has it, or $LEARN2PD_SHARED_DATA)
+add the optional `full_data` runs: every GSM8K, MATH-500 and HumanEval gold answer, a 100-task MBPP sample,
+and a check that the slices are what their README says; without the full sets those are skipped."""
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 import threading
@@ -18,9 +24,15 @@ from learn2pd_core.errors import Learn2PDError
 from learn2pd_core.evals import BENCHMARKS, extract, load_benchmark, score, scores, truncate
 from learn2pd_core.evals import minerva_math
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}; "
-                                "CI clones the repository with ../shared beside it")
+SLICES = Path(__file__).resolve().parent / "data" / "benchmarks"
+FULL = Path(os.environ.get("LEARN2PD_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+without_full = pytest.mark.skipif(not FULL.is_dir(), reason=f"optional: the full benchmark sets are not at {FULL} "
+                                  "(put ../shared beside the checkout or set LEARN2PD_SHARED_DATA); the slices in "
+                                  "tests/data/benchmarks run the same checks")
+# the gold-answer tests run on the slices and, when present, on the full sets: (data root, rows per benchmark)
+SETS = [pytest.param(SLICES, {"gsm8k": 25, "math": 25, "humaneval": 25, "mbpp": 26}, id="slice"),
+        pytest.param(FULL, {"gsm8k": 1319, "math": 500, "humaneval": 164, "mbpp": 500}, id="full",
+                     marks=[pytest.mark.full_data, without_full])]
 WORKERS = 4   # sandboxed programs mostly wait on process start-up, so 4 threads keep 2 cores busy
 
 
@@ -37,11 +49,11 @@ def _score_all(benchmark, pairs):
 
 
 # ---------------------------------------------------------------- GSM8K
-@needs_data
-def test_gsm8k_gold_answers_score_strict_and_flexible_and_off_by_one_fails():
-    bench = load_benchmark("gsm8k", source=str(DATA))
-    rows = _read_jsonl(DATA / "gsm8k" / "test.jsonl")
-    assert len(bench.examples) == len(rows) == 1319
+@pytest.mark.parametrize("data,sizes", SETS)
+def test_gsm8k_gold_answers_score_strict_and_flexible_and_off_by_one_fails(data, sizes):
+    bench = load_benchmark("gsm8k", source=str(data))
+    rows = _read_jsonl(data / "gsm8k" / "test.jsonl")
+    assert len(bench.examples) == len(rows) == sizes["gsm8k"]
     for ex, row in zip(bench.examples, rows):
         assert scores("gsm8k", ex, row["answer"]) == {"correct": True, "strict": True, "flexible": True}, ex
         gold = int(row["answer"].split("####")[-1].replace(",", ""))
@@ -49,9 +61,8 @@ def test_gsm8k_gold_answers_score_strict_and_flexible_and_off_by_one_fails():
         assert scores("gsm8k", ex, wrong) == {"correct": False, "strict": False, "flexible": False}, ex
 
 
-@needs_data
 def test_gsm8k_strict_and_flexible_extraction():
-    ex = load_benchmark("gsm8k", source=str(DATA), shots=0, limit=1).examples[0]   # gold 18
+    ex = load_benchmark("gsm8k", source=str(SLICES), shots=0, limit=1).examples[0]   # gold 18
     assert scores("gsm8k", ex, "She makes $18 a day.") == {"correct": True, "strict": False, "flexible": True}
     assert scores("gsm8k", ex, "16 - 7 = 9 eggs, 9 * 2 = 18\n#### 18.\n\nQuestion: next one 5")["strict"]
     assert not score("gsm8k", ex, "#### 18\nso she makes 20")          # primary = flexible: last number
@@ -59,36 +70,35 @@ def test_gsm8k_strict_and_flexible_extraction():
     assert not score("gsm8k", ex, "18.00")                              # harness convention: string match
     for garbage in ("", "####", "no numbers", "-", "$", "\x00" * 5):
         assert scores("gsm8k", ex, garbage) == {"correct": False, "strict": False, "flexible": False}
-    ex = next(e for e in load_benchmark("gsm8k", source=str(DATA), shots=0).examples
+    ex = next(e for e in load_benchmark("gsm8k", source=str(SLICES), shots=0).examples
               if re.fullmatch(r"\d{4,}", json.loads(e["target"])["answer"]))
     gold = int(json.loads(ex["target"])["answer"])
     assert scores("gsm8k", ex, f"It costs ${gold:,}.\n#### ${gold:,}")["flexible"]   # commas and $ stripped
     assert scores("gsm8k", ex, f"#### {gold:,}.")["strict"]
 
 
-@needs_data
 def test_gsm8k_prompt_shots_and_limit():
-    train = _read_jsonl(DATA / "gsm8k" / "train.jsonl")
-    test = _read_jsonl(DATA / "gsm8k" / "test.jsonl")
-    bench = load_benchmark("gsm8k", source=str(DATA / "gsm8k"), limit=3)
+    train = _read_jsonl(SLICES / "gsm8k" / "train.jsonl")
+    test = _read_jsonl(SLICES / "gsm8k" / "test.jsonl")
+    bench = load_benchmark("gsm8k", source=str(SLICES / "gsm8k"), limit=3)
     assert [e["example_id"] for e in bench.examples] == ["gsm8k/0", "gsm8k/1", "gsm8k/2"]
     prompt = bench.examples[0]["prompt"]
     assert prompt.count("Question: ") == 6 and prompt.endswith("Answer:")
     assert prompt.startswith(f"Question: {train[0]['question']}\nAnswer: {train[0]['answer']}\n\n")
     assert prompt.endswith(f"Question: {test[0]['question']}\nAnswer:")
-    assert load_benchmark("gsm8k", source=str(DATA / "gsm8k" / "test.jsonl"), shots=0, limit=1).examples[0][
+    assert load_benchmark("gsm8k", source=str(SLICES / "gsm8k" / "test.jsonl"), shots=0, limit=1).examples[0][
         "prompt"] == f"Question: {test[0]['question']}\nAnswer:"
-    assert load_benchmark("gsm8k", source=str(DATA), shots=2, limit=1).examples[0]["prompt"].count("Question: ") == 3
+    assert load_benchmark("gsm8k", source=str(SLICES), shots=2, limit=1).examples[0]["prompt"].count("Question: ") == 3
     assert truncate("gsm8k", "x\n#### 4\n\nQuestion: more") == "x\n#### 4\n\n"
     assert "Question:" in bench.stop
 
 
 # ---------------------------------------------------------------- MATH
-@needs_data
-def test_math500_gold_answers_score_correct_and_corrupted_fail():
-    bench = load_benchmark("math", source=str(DATA))
-    rows = _read_jsonl(DATA / "math" / "math500_test.jsonl")
-    assert len(bench.examples) == 500
+@pytest.mark.parametrize("data,sizes", SETS)
+def test_math500_gold_answers_score_correct_and_corrupted_fail(data, sizes):
+    bench = load_benchmark("math", source=str(data))
+    rows = _read_jsonl(data / "math" / "math500_test.jsonl")
+    assert len(bench.examples) == len(rows) == sizes["math"]
     wrong_gold, numeric = [], 0
     for ex, row in zip(bench.examples, rows):
         assert json.loads(ex["target"])["answer"] == row["answer"]    # last \boxed{} of the solution
@@ -98,21 +108,20 @@ def test_math500_gold_answers_score_correct_and_corrupted_fail():
             numeric += 1
             assert not score("math", ex, f"The final answer is ${int(row['answer']) + 1}$. I hope it is correct.")
     assert wrong_gold == []
-    assert numeric > 250
+    assert numeric > len(rows) // 2   # full set: 250
 
 
-@needs_data
 def test_math_prompt_is_minerva_4_shot():
-    bench = load_benchmark("math", source=str(DATA / "math" / "math500_test.jsonl"), limit=2)
+    bench = load_benchmark("math", source=str(SLICES / "math" / "math500_test.jsonl"), limit=2)
     prompt = bench.examples[0]["prompt"]
     assert prompt.count("Problem:\n") == 5 and prompt.count("I hope it is correct.") == 4
     assert "The final answer is $[2,5)$" in prompt and "The final answer is $-\\frac{2}{3}$" in prompt
     assert prompt.endswith("\n\nSolution:")
-    assert load_benchmark("math", source=str(DATA), shots=0, limit=1).examples[0]["prompt"].startswith(
+    assert load_benchmark("math", source=str(SLICES), shots=0, limit=1).examples[0]["prompt"].startswith(
         "Problem:\nConvert the point")
     with pytest.raises(Learn2PDError, match="at most 4 shots"):
-        load_benchmark("math", source=str(DATA), shots=5)
-    full = load_benchmark("math", source=str(DATA / "math" / "math_test5000.jsonl"), limit=3)
+        load_benchmark("math", source=str(SLICES), shots=5)
+    full = load_benchmark("math", source=str(SLICES / "math" / "math_test5000.jsonl"), limit=3)
     assert [json.loads(e["target"])["answer"] for e in full.examples][0] == "2"
 
 
@@ -160,11 +169,11 @@ def test_math_equivalence_works_off_the_main_thread_and_refuses_explosive_expres
 
 
 # ---------------------------------------------------------------- HumanEval
-@needs_data
-def test_humaneval_every_canonical_solution_passes_and_corrupted_fail():
-    bench = load_benchmark("humaneval", source=str(DATA))
-    canonical = {r["task_id"]: r["canonical_solution"] for r in _read_jsonl(DATA / "humaneval" / "HumanEval.jsonl.gz")}
-    assert len(bench.examples) == 164 and bench.examples[0]["example_id"] == "HumanEval/0"
+@pytest.mark.parametrize("data,sizes", SETS)
+def test_humaneval_every_canonical_solution_passes_and_corrupted_fail(data, sizes):
+    bench = load_benchmark("humaneval", source=str(data))
+    canonical = {r["task_id"]: r["canonical_solution"] for r in _read_jsonl(data / "humaneval" / "HumanEval.jsonl.gz")}
+    assert len(bench.examples) == sizes["humaneval"] and bench.examples[0]["example_id"] == "HumanEval/0"
     assert all(e["prompt"] == json.loads(e["target"])["prompt"] for e in bench.examples)   # 0-shot
     # every canonical solution, followed by what a model might ramble on with (cut by the stop sequences)
     ok = _score_all("humaneval", [(e, canonical[e["example_id"]] + "\n\ndef helper():\n    pass\n")
@@ -173,7 +182,8 @@ def test_humaneval_every_canonical_solution_passes_and_corrupted_fail():
     sample = random.Random(0).sample(range(len(bench.examples)), 16)
     ids = [e["example_id"] for e in bench.examples]
     corrupted = [(bench.examples[i], "    return None\n") for i in sample[:8]]
-    # the next task's canonical body: runs, but computes something else (fails for all 164, checked once)
+    # the next task's canonical body: runs, but computes something else (fails for all 164, checked once;
+    # on the slice, HumanEval/24 gets HumanEval/0's, which fails too)
     corrupted += [(bench.examples[i], canonical[ids[(i + 1) % len(ids)]]) for i in sample[8:]]
     first = bench.examples[sample[0]]
     corrupted += [(first, "```python\n" + canonical[first["example_id"]] + "```")]   # cut at the fence: no body
@@ -193,15 +203,17 @@ MBPP_SAMPLE = 100
 MBPP_TOO_SLOW = {123}   # the reference itself needs ~4 s here (amicable numbers to 9,999): times out at 3 s
 
 
-@needs_data
-def test_mbpp_reference_code_passes_and_corrupted_fails():
-    """A seeded sample of 100 (+ task 367, which has setup code): all 500 take ~60 s on the 2-core CI
-    machine, too long for CI (measured once: 499 of 500 pass, all but 123, in 65 s)."""
-    bench = load_benchmark("mbpp", source=str(DATA))
-    assert [e["example_id"] for e in bench.examples][:2] == ["mbpp/11", "mbpp/12"] and len(bench.examples) == 500
-    reference = {r["task_id"]: r["code"] for r in _read_jsonl(DATA / "mbpp" / "mbpp.jsonl")}
+@pytest.mark.parametrize("data,sizes", SETS)
+def test_mbpp_reference_code_passes_and_corrupted_fails(data, sizes):
+    """Full set: a seeded sample of 100 (+ task 367, which has setup code): all 500 take ~60 s on the 2-core
+    CI machine, too long for CI (measured once: 499 of 500 pass, all but 123, in 65 s). Slice: all 26."""
+    bench = load_benchmark("mbpp", source=str(data))
+    assert [e["example_id"] for e in bench.examples][:2] == ["mbpp/11", "mbpp/12"]
+    assert len(bench.examples) == sizes["mbpp"]
+    reference = {r["task_id"]: r["code"] for r in _read_jsonl(data / "mbpp" / "mbpp.jsonl")}
     by_id = {int(e["example_id"].split("/")[1]): e for e in bench.examples}
-    ids = sorted(set(random.Random(0).sample(sorted(set(by_id) - MBPP_TOO_SLOW), MBPP_SAMPLE)) | {367})
+    pool = sorted(set(by_id) - MBPP_TOO_SLOW)
+    ids = sorted(set(random.Random(0).sample(pool, min(MBPP_SAMPLE, len(pool)))) | {367})
     ok = _score_all("mbpp", [(by_id[i], reference[i] + "\n[DONE]\nYou are an expert") for i in ids])
     assert [i for i, passed in zip(ids, ok) if not passed] == []
     fenced = f"Here you go:\n```python\n{reference[ids[0]]}\n```\nIt works."   # chat style: the fence is run
@@ -214,21 +226,20 @@ def test_mbpp_reference_code_passes_and_corrupted_fails():
     assert not any(_score_all("mbpp", corrupted))
 
 
-@needs_data
 def test_mbpp_prompt_has_tasks_2_3_4_and_ends_with_begin():
-    rows = {r["task_id"]: r for r in _read_jsonl(DATA / "mbpp" / "mbpp.jsonl")}
-    ex = load_benchmark("mbpp", source=str(DATA / "mbpp" / "mbpp.jsonl"), limit=1).examples[0]
+    rows = {r["task_id"]: r for r in _read_jsonl(SLICES / "mbpp" / "mbpp.jsonl")}
+    ex = load_benchmark("mbpp", source=str(SLICES / "mbpp" / "mbpp.jsonl"), limit=1).examples[0]
     prompt = ex["prompt"]
     assert all(rows[i]["text"] in prompt for i in (2, 3, 4)) and rows[1]["text"] not in prompt
     assert prompt.count("[BEGIN]\n") == 4 and prompt.count("[DONE]\n") == 3 and prompt.endswith("[BEGIN]\n")
     assert prompt.startswith(f"You are an expert Python programmer, and here is your task: {rows[2]['text']} "
                              "Your code should pass these tests:\n\n")
     assert rows[11]["test_list"][0] in prompt and "\r" not in prompt
-    zero = load_benchmark("mbpp", source=str(DATA), shots=0, limit=2).examples
+    zero = load_benchmark("mbpp", source=str(SLICES), shots=0, limit=2).examples
     assert zero[0]["prompt"].count("You are an expert") == 1 and zero[1]["example_id"] == "mbpp/12"
     assert truncate("mbpp", "def f():\n    return 1\n[DONE]\nYou are") == "def f():\n    return 1\n"
     with pytest.raises(Learn2PDError, match="at most 3 shots"):
-        load_benchmark("mbpp", source=str(DATA), shots=4)
+        load_benchmark("mbpp", source=str(SLICES), shots=4)
 
 
 # ---------------------------------------------------------------- tiny
@@ -263,16 +274,26 @@ def test_tiny_limit_covers_tasks_evenly_with_stable_ids():
 
 
 # ---------------------------------------------------------------- sources and errors
-@needs_data
 @pytest.mark.parametrize("name,folder,file", [("gsm8k", "gsm8k", "test.jsonl"), ("math", "math", "math500_test.jsonl"),
                                               ("humaneval", "humaneval", "HumanEval.jsonl.gz"),
                                               ("mbpp", "mbpp", "mbpp.jsonl")])
 def test_source_may_be_data_root_folder_or_file(name, folder, file):
-    sources = [DATA, DATA / folder, DATA / folder / file]
+    sources = [SLICES, SLICES / folder, SLICES / folder / file]
     loaded = [load_benchmark(name, source=str(s), limit=2).examples for s in sources]
     assert loaded[0] == loaded[1] == loaded[2] and len(loaded[0]) == 2
     for ex in loaded[0]:
         assert set(ex) == {"example_id", "prompt", "target"} and all(isinstance(v, str) for v in ex.values())
+
+
+@pytest.mark.full_data
+@without_full
+def test_slices_are_cuts_of_the_full_sets(capsys):
+    """Each slice holds exactly the rows its README names, byte for byte, and the licences verbatim."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_slices", SLICES / "make_slices.py")
+    make_slices = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_slices)
+    assert make_slices.main([str(FULL), "--check"]) == 0, capsys.readouterr().err
 
 
 def test_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
