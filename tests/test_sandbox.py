@@ -295,8 +295,14 @@ def test_writes_outside_the_workdir_are_blocked(tmp_path):
     need("read-only-fs")
     target = tmp_path / "escape.txt"
     r = run(f"open({str(target)!r}, 'w').write('x')\n")
-    assert (r.passed, r.status) == (False, "failed") and "Read-only file system" in r.detail
+    # With a private root the directory is not there at all; without one it is, read-only.
+    assert (r.passed, r.status) == (False, "failed")
+    assert ("No such file" if "private-root" in containment() else "Read-only file system") in r.detail
     assert not target.exists()
+    target = os.path.join(sys.prefix, f"escape-{uuid.uuid4().hex}.txt")    # a directory the sandbox shows
+    r = run(f"open({target!r}, 'w').write('x')\n")
+    assert (r.passed, r.status) == (False, "failed") and "Read-only file system" in r.detail
+    assert not os.path.exists(target)
     r = run("import tempfile\nwith tempfile.NamedTemporaryFile() as f:\n    f.write(b'x')\n")
     assert r.passed, r.detail   # TMPDIR is the working directory, which stays writable
 
@@ -312,3 +318,127 @@ def test_network_is_unreachable():
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()
+
+
+# ---- hostile programs: reading the host ------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("which", ["checkout", "tmp-file", "shadow"])
+def test_host_files_are_unreadable(tmp_path, which):
+    need("mount-namespace")     # the sandbox's filesystem is a fresh root: the Python install and the workdir
+    path = {"checkout": os.path.join(REPO, "README.md"), "tmp-file": str(tmp_path / "secret.txt"),
+            "shadow": "/etc/shadow"}[which]
+    if which == "tmp-file":
+        (tmp_path / "secret.txt").write_text("sekrit")
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} does not exist on this machine")
+    r = run(f"print(open({path!r}, 'rb').read())\n")
+    assert (r.passed, r.status) == (False, "failed") and "FileNotFoundError" in r.detail, r
+
+
+def test_filesystem_shows_only_the_python_install_and_the_workdir():
+    need("mount-namespace")
+    r = run("import os, sys\n"
+            "assert os.listdir(os.path.dirname(os.getcwd())) == [os.path.basename(os.getcwd())]\n"  # no other runs
+            "for gone in ('/home', '/root/.ssh', '/work', '/run', '/var', '/sys', '/etc/passwd'):\n"
+            f"    assert not os.path.exists(gone) or gone.startswith({sys.prefix!r}), gone\n"
+            "assert sorted(os.listdir('/dev')) <= ['fd', 'full', 'null', 'random', 'stderr', 'stdin', 'stdout',"
+            " 'urandom', 'zero'], os.listdir('/dev')\n"
+            "import json, math, re, collections, heapq, itertools, decimal, fractions, hashlib, random\n"
+            "assert os.urandom(4) and open('/dev/null', 'rb').read() == b''\n")
+    assert r.passed, r.detail
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_host_unix_sockets_are_unreachable(tmp_path, kind):
+    # Ray's sockets (/tmp/ray/session_*/sockets) are path sockets; abstract ones live in the network namespace.
+    need("mount-namespace" if kind == "path" else "net-namespace")
+    address = str(tmp_path / "listener.sock") if kind == "path" else f"\0l2pd-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(address)
+        listener.listen()
+        r = run(f"import socket\nsocket.socket(socket.AF_UNIX).connect({address!r})\n")
+        assert (r.passed, r.status) == (False, "failed") and "Error" in r.detail, r
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+
+# ---- memory of the whole process tree --------------------------------------------------------------------------
+
+# Three children each hold ~60% of the limit at once (every page touched); the parent ignores how they end.
+MEMORY_HOG = ("import os, time\n"
+              "kids = []\n"
+              "for _ in range(3):\n"
+              "    pid = os.fork()\n"
+              "    if pid == 0:\n"
+              "        block = b'x' * (154 << 20)\n"
+              "        time.sleep(1.5)\n"
+              "        os._exit(0)\n"
+              "    kids.append(pid)\n"
+              "for pid in kids:\n"
+              "    os.waitpid(pid, 0)\n")
+
+
+def assert_out_of_memory(r):
+    assert (r.passed, r.status) == (False, "killed") and "out of memory" in r.detail, r
+
+
+def test_memory_limit_covers_the_whole_process_tree():
+    assert_out_of_memory(run(MEMORY_HOG, memory_mb=256, timeout=30))
+    assert run(MEMORY_HOG.replace("range(3)", "range(1)"), memory_mb=256).passed     # one child fits
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "fallback"])
+def test_memory_watchdog_without_cgroups(monkeypatch, namespaces):
+    monkeypatch.setattr(sandbox, "_memory_cgroup", lambda: None)
+    if not namespaces:
+        monkeypatch.setattr(sandbox.shutil, "which", lambda *args, **kwargs: None)
+    sandbox._mode.cache_clear()
+    try:
+        assert "memory-watchdog" in containment() and "memory-cgroup" not in containment()
+        assert_out_of_memory(run(MEMORY_HOG, memory_mb=256, timeout=30))
+        assert run(MEMORY_HOG.replace("range(3)", "range(1)"), memory_mb=256).passed
+    finally:
+        sandbox._mode.cache_clear()
+
+
+def test_memory_cgroups_are_removed():
+    need("memory-cgroup")
+    parent = sandbox._mode().cgroup.parent
+    before = set(os.listdir(parent))
+    assert run("pass").passed
+    assert_out_of_memory(run(MEMORY_HOG, memory_mb=256, timeout=30))
+    assert set(os.listdir(parent)) == before
+
+
+# ---- a pass means the program ran to its end ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("exit_line", ["raise SystemExit(0)", "import sys; sys.exit()", "import os; os._exit(0)"],
+                         ids=["SystemExit", "sys.exit", "os._exit"])
+def test_exiting_early_with_status_0_fails(exit_line):
+    program = f"def f(x):\n    return x\n\n{exit_line}\nassert f(1) == 2\n"
+    r = run(program)
+    assert (r.passed, r.status) == (False, "failed") and "before its end" in r.detail, r
+    assert sandbox.run_checked(program) is False
+
+
+def test_humaneval_completion_that_exits_early_fails():
+    from learn2pd_core.evals import humaneval
+    target = {"task_id": "t", "prompt": "def inc(x):\n", "entry_point": "inc",
+              "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
+    assert humaneval.scores(target, "    return x + 1\n") == {"correct": True}
+    assert humaneval.scores(target, "    return x\n") == {"correct": False}
+    for early in ("    raise SystemExit(0)\n", "    import sys; sys.exit()\n", "    import os; os._exit(0)\n",
+                  "    return x\nimport os\nos._exit(0)\n"):
+        assert humaneval.scores(target, early) == {"correct": False}, early
+
+
+def test_mbpp_code_that_exits_early_fails():
+    from learn2pd_core.evals import mbpp
+    target = {"task_id": 1, "test_setup_code": "", "test_list": ["assert inc(1) == 2"]}
+    assert mbpp.scores(target, "def inc(x):\n    return x + 1\n") == {"correct": True}
+    assert mbpp.scores(target, "def inc(x):\n    return x\n") == {"correct": False}
+    assert mbpp.scores(target, "def inc(x):\n    return x\nimport os\nos._exit(0)\n") == {"correct": False}
