@@ -1,5 +1,6 @@
 """Evaluation: decode benchmark examples with every method, score them, and aggregate the rows into the
-report's table (accuracy, NFE, tokens per forward, tokens/s, speedups, AUP). No Ray in here.
+report's table (accuracy and its paired difference against vanilla with a bootstrap interval, NFE, tokens per
+forward, tokens/s, speedups, AUP). No Ray in here.
 
 One call of `evaluate_examples` decodes a group of examples (one benchmark, one gen length) with every
 method in turn, on the same model and hardware, so the per-method timings of a group are comparable.
@@ -14,6 +15,7 @@ import time
 from collections import defaultdict
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from .config import DecodeConfig
@@ -28,6 +30,7 @@ RESULTS = pa.schema([("benchmark", pa.string()), ("gen_length", pa.int32()), ("e
 ERRORS = pa.schema([("benchmark", pa.string()), ("gen_length", pa.int32()), ("example_id", pa.string()),
                     ("error", pa.string())])
 POLICY_TAUS = {"threshold": 0.9, "learn2pd": 0.96}
+RESAMPLES = 2000   # bootstrap resamples of the accuracy difference against vanilla
 
 
 def expand_methods(methods: Sequence[str], sweep: Sequence[float] = ()) -> list[str]:
@@ -113,6 +116,8 @@ def summarize(results: pa.Table) -> list[dict]:
                      "nfe": nfe / len(rs), "tpf": tokens / nfe if nfe else 0.0,
                      "tps": tokens / seconds if seconds else 0.0, "seconds": seconds,
                      "blocks_median_forwards": _median_forwards(rs)})
+        rows[-1]["paired_examples"], rows[-1]["acc_diff"], rows[-1]["acc_diff_ci"] = \
+            paired_accuracy_diff(rs, groups.get((bench, gen, "vanilla"), []))
     base = {(r["benchmark"], r["gen_length"]): r for r in rows if r["method"] == "vanilla"}
     for r in rows:
         v = base.get((r["benchmark"], r["gen_length"]))
@@ -123,6 +128,24 @@ def summarize(results: pa.Table) -> list[dict]:
                                          "egp"])}
     return sorted(rows, key=lambda r: (r["benchmark"], r["gen_length"], "@" in r["method"],
                                        order.get(r["method"], 99), r["method"]))
+
+
+def paired_accuracy_diff(rows: Sequence[dict], vanilla: Sequence[dict], *, resamples: int = RESAMPLES,
+                         seed: int = 0) -> tuple[int, float | None, list[float] | None]:
+    """(n, accuracy difference in points, its 95% paired bootstrap interval [lo, hi]) of `rows` against
+    `vanilla` on the examples both have (an example that failed for either side is left out).
+    Paired because both methods answer the same examples: resampling example ids keeps each example's two
+    outcomes together, so the interval reflects how often the methods disagree, not each accuracy's own spread.
+    With 40 examples one example is 2.5 points, so a point estimate alone cannot tell 1 point from noise."""
+    mine = {r["example_id"]: r["correct"] for r in rows}
+    base = {r["example_id"]: r["correct"] for r in vanilla}
+    ids = sorted(mine.keys() & base.keys())   # sorted: the same resamples whatever order the rows came in
+    if not ids:
+        return 0, None, None
+    diff = np.array([100.0 * (int(mine[i]) - int(base[i])) for i in ids])
+    picks = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+    lo, hi = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
+    return len(ids), float(diff.mean()), [float(lo), float(hi)]
 
 
 def _median_forwards(rows: list[dict]) -> float:
@@ -160,7 +183,8 @@ def aup_table(summary: Sequence[dict]) -> list[dict]:
 
 
 def target_checks(summary: Sequence[dict]) -> list[dict]:
-    """Learn2PD+EoTP against the project's targets, per benchmark and gen length."""
+    """Learn2PD+EoTP against the project's targets, per benchmark and gen length. Accuracy holds "within 1
+    point of vanilla" when the lower end of the paired 95% bootstrap interval of the difference is >= -1 point."""
     by = defaultdict(dict)
     for r in summary:
         by[(r["benchmark"], r["gen_length"])][r["method"]] = r
@@ -173,7 +197,9 @@ def target_checks(summary: Sequence[dict]) -> list[dict]:
         check = {"benchmark": bench, "gen_length": gen,
                  "fewer_nfe_than_baselines": all(ours["nfe"] < r["nfe"] for r in rivals),
                  "higher_tps_than_baselines": all(ours["tps"] > r["tps"] for r in rivals),
-                 "accuracy_within_1_point": abs(ours["accuracy_delta"]) <= 1.0 or ours["accuracy_delta"] > 0}
+                 # not the point estimate: the paired 95% interval must rule out a loss of more than 1 point
+                 "accuracy_within_1_point": ours["acc_diff_ci"] is not None and ours["acc_diff_ci"][0] >= -1.0,
+                 "acc_diff": ours["acc_diff"], "acc_diff_ci": ours["acc_diff_ci"]}
         if "egp" in m:
             check["nfe_vs_egp"] = ours["nfe"] / m["egp"]["nfe"]
             check["within_1.5x_of_egp"] = check["nfe_vs_egp"] <= 1.5
@@ -181,8 +207,15 @@ def target_checks(summary: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _diff_ci(r: dict) -> str:   # "-2.5 [-7.5, +2.5]"; blank for vanilla itself and without vanilla
+    if r.get("method") == "vanilla" or r.get("acc_diff_ci") is None:
+        return ""
+    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(r["acc_diff"], *r["acc_diff_ci"])
+
+
 COLUMNS = [("method", "method", "{}"), ("threshold", "τ", "{:g}"), ("examples", "n", "{}"),
-           ("accuracy", "accuracy %", "{:.1f}"), ("nfe", "NFE", "{:.1f}"), ("tpf", "tokens/forward", "{:.2f}"),
+           ("accuracy", "accuracy %", "{:.1f}"), ("acc_diff_ci", "Δacc vs vanilla [95% CI]", _diff_ci),
+           ("nfe", "NFE", "{:.1f}"), ("tpf", "tokens/forward", "{:.2f}"),
            ("tps", "tokens/s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"), ("nfe_speedup", "NFE ratio", "{:.2f}x"),
            ("blocks_median_forwards", "median forwards/block", "{:g}")]
 
@@ -196,10 +229,15 @@ def markdown(summary: Sequence[dict], aups: Sequence[dict] = (), checks: Sequenc
         if sweep or "@" not in r["method"]:
             by[(r["benchmark"], r["gen_length"])].append(r)
     for (bench, gen), rows in sorted(by.items()):
-        lines += [f"### {bench}, gen length {gen}", "", "| " + " | ".join(c[1] for c in COLUMNS) + " |",
-                  "|" + "---|" * len(COLUMNS)]
+        n = max(r["examples"] for r in rows)
+        lines += [f"### {bench}, gen length {gen}", "",
+                  (f"{n} examples: one example = {100 / n:.1f} accuracy points. Δacc = accuracy minus vanilla's on "
+                   f"the examples both answered, with a paired bootstrap 95% interval ({RESAMPLES:,} resamples of "
+                   "the examples)."),
+                  "", "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for r in rows:
-            lines.append("| " + " | ".join("" if r.get(k) is None else f.format(r[k]) for k, _, f in COLUMNS) + " |")
+            lines.append("| " + " | ".join(f(r) if callable(f) else "" if r.get(k) is None else f.format(r[k])
+                                           for k, _, f in COLUMNS) + " |")
         lines.append("")
     if aups:
         lines += ["### AUP (τ sweep; area under accuracy % over tokens per forward)", "",
@@ -210,11 +248,13 @@ def markdown(summary: Sequence[dict], aups: Sequence[dict] = (), checks: Sequenc
     if checks:
         lines += ["### learn2pd+eotp against the targets", "",
                   "| benchmark | gen length | fewer NFE than vanilla/threshold/factor | higher tokens/s | "
-                  "accuracy within 1 point of vanilla | NFE / EGP NFE (≤ 1.5) |", "|---|---|---|---|---|---|"]
+                  "accuracy within 1 point of vanilla (95% CI lower end ≥ -1) | NFE / EGP NFE (≤ 1.5) |",
+                  "|---|---|---|---|---|---|"]
         yn = {True: "yes", False: "**no**"}
         for c in checks:
             egp = f"{c['nfe_vs_egp']:.2f} ({yn[c['within_1.5x_of_egp']]})" if "nfe_vs_egp" in c else "n/a"
             lines.append(f"| {c['benchmark']} | {c['gen_length']} | {yn[c['fewer_nfe_than_baselines']]} | "
-                         f"{yn[c['higher_tps_than_baselines']]} | {yn[c['accuracy_within_1_point']]} | {egp} |")
+                         f"{yn[c['higher_tps_than_baselines']]} | {yn[c['accuracy_within_1_point']]} "
+                         f"{_diff_ci(c)} | {egp} |")
         lines.append("")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ import pytest
 
 from learn2pd_core import DecodeConfig, load_model, save_filter, storage
 from learn2pd_core.bench import fit_filter_on
-from learn2pd_core.evaluation import RESULTS, aup, expand_methods, summarize
+from learn2pd_core.evaluation import (RESULTS, aup, expand_methods, markdown, paired_accuracy_diff, summarize,
+                                      target_checks)
 from learn2pd_core.tiny.tasks import instruction_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,96 @@ def test_batches_spread_long_generations_over_every_actor():
     assert all(len({(r["benchmark"], r["gen_length"]) for r in b}) == 1 for b in batches)
     assert sorted(r["example_id"] + str(r["gen_length"]) for b in batches for r in b) == \
         sorted(r["example_id"] + str(r["gen_length"]) for r in rows)
+
+
+# ---------------------------------------------------------------- paired bootstrap of the accuracy difference
+def outcomes(method, correct, ids=None, bench="b", gen=32):
+    """Result rows of one method: correct[i] for example ids[i] (default "000", "001", ...)."""
+    ids = ids or [f"{i:03d}" for i in range(len(correct))]   # zero-padded: sorted ids keep the list order
+    return [{"benchmark": bench, "gen_length": gen, "example_id": ex, "method": method, "threshold": None,
+             "completion": "", "correct": c, "scores": "{}", "nfe": 4, "answer_tokens": 4, "decode_seconds": 1.0,
+             "batch_id": "x", "batch_seconds": 1.0, "forwards_per_block": [4]} for ex, c in zip(ids, correct)]
+
+
+def reference_bootstrap(mine, base, resamples=2000, seed=0):
+    """Plain loops: the same resampled example indices, each resample's mean difference, and the 2.5th and
+    97.5th percentiles by linear interpolation between order statistics."""
+    import numpy as np
+    diff = [100 * (int(m) - int(b)) for m, b in zip(mine, base)]
+    picks = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    means = sorted(sum(diff[i] for i in row) / len(diff) for row in picks.tolist())
+
+    def pct(q):
+        pos = q / 100 * (len(means) - 1)
+        lo = int(pos)
+        return means[lo] + (means[min(lo + 1, len(means) - 1)] - means[lo]) * (pos - lo)
+    return sum(diff) / len(diff), [pct(2.5), pct(97.5)]
+
+
+def test_identical_methods_differ_by_exactly_zero():
+    van = outcomes("vanilla", [True, False] * 20)
+    assert paired_accuracy_diff(outcomes("egp", [True, False] * 20), van) == (40, 0.0, [0.0, 0.0])
+
+
+def test_k_more_correct_examples():
+    n, k = 40, 3
+    van = outcomes("vanilla", [False] * n)
+    m = outcomes("learn2pd", [True] * k + [False] * (n - k))
+    got_n, diff, (lo, hi) = paired_accuracy_diff(m, van)
+    assert got_n == n and math.isclose(diff, 100 * k / n)            # 7.5 points
+    assert 0.0 <= lo <= diff <= hi <= 100.0                          # never worse: the interval cannot go below 0
+    assert lo < diff < hi
+    # correct on all 40 where vanilla is wrong on all: every resample is +100
+    assert paired_accuracy_diff(outcomes("m", [True] * n), van) == (n, 100.0, [100.0, 100.0])
+
+
+def test_one_lost_example_of_40_is_not_resolved_as_a_loss_within_1_point():
+    van = outcomes("vanilla", [True] * 40)
+    _, diff, (lo, hi) = paired_accuracy_diff(outcomes("m", [False] + [True] * 39), van)
+    # P(the lost example is drawn 0 times) = (39/40)^40 = 0.36 > 2.5%, so the upper end is 0; it is drawn
+    # 3 or more times in ~8% and 4 or more in ~2% of resamples, so the lower end is near -7.5 points
+    assert diff == -2.5 and hi == 0.0 and -10.0 <= lo <= -5.0
+
+
+def test_interval_matches_a_plain_reference():
+    mine = [True, True, False, True, False, True, True, False, True, True] * 4
+    base = [True, False, False, True, True, False, True, False, False, True] * 4
+    n, diff, ci = paired_accuracy_diff(outcomes("m", mine), outcomes("vanilla", base))
+    ref_diff, ref_ci = reference_bootstrap(mine, base)
+    assert n == 40 and math.isclose(diff, ref_diff) and all(math.isclose(a, b) for a, b in zip(ci, ref_ci))
+    assert paired_accuracy_diff(outcomes("m", mine), outcomes("vanilla", base)) == (n, diff, ci)   # seeded
+    assert paired_accuracy_diff(outcomes("m", mine), outcomes("vanilla", base), seed=1)[2] != ci
+    # the row order does not matter (results arrive in any order from the actors)
+    assert paired_accuracy_diff(outcomes("m", mine)[::-1], outcomes("vanilla", base)) == (n, diff, ci)
+
+
+def test_only_examples_present_for_both_are_paired():
+    van = outcomes("vanilla", [True, True, False], ids=["a", "b", "c"])          # "d" failed for vanilla
+    m = outcomes("m", [True, True, False], ids=["b", "c", "d"])                   # "a" failed for the method
+    n, diff, _ = paired_accuracy_diff(m, van)
+    assert n == 2 and diff == 50.0                                               # b: 0, c: +100
+    assert paired_accuracy_diff(m, []) == (0, None, None)
+
+
+def test_summary_and_report_carry_the_interval():
+    van = [True] * 20 + [False] * 20
+    ours = [False] + [True] * 19 + [True] + [False] * 19          # loses example 0, wins example 20: diff 0
+    table = pa.Table.from_pylist(outcomes("vanilla", van) + outcomes("learn2pd+eotp", ours) +
+                                 outcomes("egp", van), schema=RESULTS)
+    summary = summarize(table)
+    s = {r["method"]: r for r in summary}
+    assert s["egp"]["acc_diff"] == 0.0 and s["egp"]["acc_diff_ci"] == [0.0, 0.0]
+    assert s["learn2pd+eotp"]["acc_diff"] == 0.0 and s["learn2pd+eotp"]["paired_examples"] == 40
+    lo, hi = s["learn2pd+eotp"]["acc_diff_ci"]
+    assert lo <= -2.5 and hi >= 2.5
+    json.dumps(summary)                                                          # report.json can hold it
+    # the point estimate is 0, but the interval does not rule out losing more than 1 point
+    [check] = target_checks(summary)
+    assert check["accuracy_within_1_point"] is False and check["acc_diff_ci"] == [lo, hi]
+    same = summarize(pa.Table.from_pylist(outcomes("vanilla", van) + outcomes("learn2pd+eotp", van), schema=RESULTS))
+    assert target_checks(same)[0]["accuracy_within_1_point"] is True
+    md = markdown(summary, checks=[check])
+    assert "40 examples: one example = 2.5 accuracy points" in md and "Δacc vs vanilla [95% CI]" in md
+    assert f"| +0.0 [{lo:+.1f}, {hi:+.1f}] |" in md and "| +0.0 [+0.0, +0.0] |" in md    # learn2pd+eotp, egp
+    assert "lower end ≥ -1" in md and f"**no** +0.0 [{lo:+.1f}, {hi:+.1f}]" in md
+    assert not any(line.startswith("| vanilla |") and "[" in line for line in md.splitlines())
