@@ -3,7 +3,7 @@ from .config import DecodeConfig
 from .engine import GenerationResult, Trace, generate
 from .errors import ConfigError, Learn2PDError, ModelLoadError
 from .filter import FilterMLP, fit_filter, load_filter, save_filter
-from .model import DiffusionLM, load_model
+from .model import DiffusionLM, check_model, load_model
 
 __all__ = ["DecodeConfig", "GenerationResult", "Trace", "generate", "ConfigError", "Learn2PDError", "ModelLoadError",
-           "FilterMLP", "fit_filter", "load_filter", "save_filter", "DiffusionLM", "load_model"]
+           "FilterMLP", "fit_filter", "load_filter", "save_filter", "DiffusionLM", "check_model", "load_model"]

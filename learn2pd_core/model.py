@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError, ModelLoadError
-from .llada import MODEL_TYPE as LLADA, LLaDA, LLaDAConfig, load_llada, positions_from_mask
+from .llada import MODEL_TYPE as LLADA, LLaDA, LLaDAConfig, load_llada, positions_from_mask, shard_files
 
 TINY_CHECKPOINT = Path(__file__).parent / "tiny" / "checkpoint"
 # LLaDA-Instruct ends an assistant turn with <|eot_id|> as well as <|endoftext|> (its config's eos_token_id).
@@ -99,6 +99,10 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+_WEIGHTS_FIX = ("provide the weights as a local directory (--model /path/to/checkpoint) or populate the Hugging Face "
+                "cache first (`hf download <id>` on a machine with hub access, then copy ~/.cache/huggingface)")
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
@@ -125,6 +129,28 @@ def _snapshot(repo_id: str, **kwargs) -> str:
     return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"], **kwargs)
 
 
+def check_model(name_or_path: str = "tiny") -> str:
+    """What load_model reads before the weights, without loading them: the checkpoint is there, its config
+    parses and (LLaDA) names a variant we implement, and every weight file it needs exists. The jobs call it
+    in the driver, so that a wrong --model is one line before Ray starts rather than a failure in every actor.
+    Returns the checkpoint's model_type."""
+    source, local = _resolve_source(name_or_path)
+    try:
+        raw = _from_pretrained(_config_dict, source, local)
+        if raw.get("model_type") != LLADA:
+            return raw.get("model_type", "")   # transformers checkpoints: their files are known to transformers only
+        folder = Path(source if local else _from_pretrained(_snapshot, source, local))
+        LLaDAConfig.from_hub(raw)
+        shard_files(folder)
+        return LLADA
+    except ModelLoadError:
+        raise
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(e)} -- {_WEIGHTS_FIX}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{name_or_path}: {_first_line(e)}") from None
+
+
 def load_model(name_or_path: str = "tiny", device: str | torch.device | None = None,
                dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> DiffusionLM:
     """Load "tiny" (the embedded LLaDA), a local checkpoint directory, or a Hugging Face hub id (from the local
@@ -145,10 +171,7 @@ def load_model(name_or_path: str = "tiny", device: str | torch.device | None = N
     except ModelLoadError:
         raise
     except OSError as e:
-        raise ModelLoadError(
-            f"cannot load model {name_or_path!r}: {_first_line(e)} -- provide the weights as a local directory "
-            f"(--model /path/to/checkpoint) or populate the Hugging Face cache first "
-            f"(`hf download {name_or_path}` on a machine with hub access, then copy ~/.cache/huggingface)") from None
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {_first_line(e)} -- {_WEIGHTS_FIX}") from None
     except Exception as e:   # a checkpoint can fail in any way (its own code, a corrupt file): always one line
         import transformers
         fix = (f"this checkpoint's own code does not run under transformers {transformers.__version__}; use a "

@@ -1,16 +1,68 @@
-"""How many model actors a job runs and what each one reserves, from the cluster's resources (shared by the
-jobs so that collect and evaluate place their model replicas the same way)."""
+"""How the jobs use the Ray cluster: connecting quietly, how many model actors run and what each reserves
+(shared by the jobs so that collect and evaluate place their model replicas the same way), and whether a
+local --output can be written from every node that runs an actor."""
 from __future__ import annotations
 
+import os
 
-def plan_actors(resources: dict, gpus_per_actor: float | None, num_actors: int | None) -> tuple[float, float | None, int]:
+from .errors import Learn2PDError
+
+
+def connect(verbose: bool = False):
+    """ray.init on RAY_ADDRESS (or a local cluster). Unless `verbose`, Ray Data's own progress bars are off:
+    the jobs draw one bar per stage, and Ray's detail goes to the job's log file."""
+    import ray
+
+    from . import console
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    console.at_close(ray.shutdown)
+    if not verbose:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        ctx.print_on_execution_start = False
+    return ray
+
+
+def plan_actors(resources: dict, gpus_per_actor: float | None, num_actors: int | None,
+                largest_node_cpus: float | None = None) -> tuple[float, float | None, int]:
     """(GPUs per actor, CPUs per actor, number of actors). With GPUs: one GPU per actor and one actor per GPU
     by default, CPUs left to Ray's default. CPU-only: one actor per CPU by default, and the cluster's CPUs
     split evenly between the actors, because an actor's CPU reservation sets its torch thread count (Ray
-    sets OMP_NUM_THREADS to it): one actor on a 2-CPU machine should decode with 2 threads, not 1."""
+    sets OMP_NUM_THREADS to it): one actor on a 2-CPU machine should decode with 2 threads, not 1. No actor
+    asks for more CPUs than the largest node has: that actor could never be placed."""
     gpus = gpus_per_actor
     if gpus is None:
         gpus = 1 if resources.get("GPU", 0) >= 1 else 0
     actors = num_actors or max(1, int(resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1)))
-    cpus = None if gpus else max(1, int(resources.get("CPU", 1) // actors))
+    cpus = None if gpus else max(1, int(min(resources.get("CPU", 1) // actors, largest_node_cpus or float("inf"))))
     return gpus, cpus, actors
+
+
+def largest_node_cpus() -> float:
+    """The most CPUs any one alive node of the connected cluster has."""
+    import ray
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+
+
+def _local_output_message(output: str, where: str) -> str:
+    return (f"--output {output} is a local path, but {where}: each node would write its parts to its own disk. "
+            "Write to s3://bucket/prefix, or to a filesystem mounted at the same path on every node and pass "
+            "--shared-output to say so")
+
+
+def check_shared_output(output: str, shared: bool) -> None:
+    """Refuse a local `output` on a cluster of more than one node unless the user asserts it is shared."""
+    import ray
+    if shared or output.startswith("s3://"):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise Learn2PDError(_local_output_message(output, f"the Ray cluster has {len(nodes)} nodes"))
+
+
+def check_same_node(output: str, shared: bool, driver_node: str) -> None:
+    """Inside an actor: the same refusal for nodes that joined after the driver checked (an autoscaling cluster)."""
+    import ray
+    if not shared and not output.startswith("s3://") and ray.get_runtime_context().get_node_id() != driver_node:
+        raise Learn2PDError(_local_output_message(output, "this actor runs on another node than the driver"))

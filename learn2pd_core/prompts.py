@@ -4,6 +4,7 @@ Every prompt gets a stable `prompt_id`, so reruns find what is already done."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 from collections import defaultdict
@@ -34,19 +35,45 @@ def load_prompts(source: str = TINY_SOURCE, *, per_task: int | None = None, limi
 def _read_file(path: str) -> list[dict]:
     """A local or s3:// JSONL / Parquet file (S3 through the same settings as the job outputs)."""
     import pyarrow as pa
-    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
     from . import storage
     if not storage.exists(path):
         raise Learn2PDError(f"prompt file {path} does not exist; pass a .jsonl or .parquet file (local or s3://), "
                             f"'{TINY_SOURCE}' or a Hugging Face dataset id")
+    data = storage.read_bytes(path)
+    if not path.endswith(".parquet"):
+        return _read_jsonl(path, data)
     try:
-        data = pa.BufferReader(storage.read_bytes(path))
-        table = pq.read_table(data) if path.endswith(".parquet") else pajson.read_json(data)
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
     except Exception as e:   # pyarrow raises several types for malformed files
         raise Learn2PDError(f"cannot read prompts from {path}: {str(e).splitlines()[0]}") from None
-    return table.to_pylist()
+
+
+def _read_jsonl(path: str, data: bytes) -> list[dict]:
+    """One JSON object per line. A line that is not UTF-8 or not a JSON object is reported and skipped; the
+    rest are used."""
+    rows, bad = [], []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad.append(f"line {number} is not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+            continue
+        except ValueError as e:
+            bad.append(f"line {number} is not JSON ({e})")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"line {number} is not a JSON object")
+            continue
+        rows.append(row)
+    if bad:
+        from . import console
+        console.say(f"{path}: skipped {len(bad)} unreadable line(s), the first: {bad[0]}; save the file as UTF-8 "
+                    "JSON Lines to use them")
+    return rows
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
