@@ -63,9 +63,9 @@ def main():
         walls = []
         for r in range(args.repeats):
             start = time.perf_counter()
-            out = collect_with_actors(rows, f"{tmp}/ray{n}-{r}", model=args.model, gen_length=args.gen_length,
+            out = list(collect_with_actors(rows, f"{tmp}/ray{n}-{r}", model=args.model, gen_length=args.gen_length,
                                       block_size=args.block_size, chat=True, batch_size=args.batch_size,
-                                      num_actors=n, gpus_per_actor=0)
+                                      num_actors=n, gpus_per_actor=0))
             # Actors load their replicas in parallel: one model load is the start-up share of this wall time.
             walls.append(time.perf_counter() - start - load_s)
         results.append((f"ray job ({cpus} CPU each)", n, statistics.median(walls), load_s,

@@ -17,8 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
 from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import Learn2PDError, load_model, storage  # noqa: E402
-from learn2pd_core.placement import plan_actors  # noqa: E402
+from learn2pd_core import DecodeConfig, Learn2PDError, check_model, console, load_model, storage  # noqa: E402
+from learn2pd_core.placement import (check_same_node, check_shared_output, connect,  # noqa: E402
+                                     largest_node_cpus, plan_actors)
 from learn2pd_core.prompts import TINY_SOURCE, load_prompts  # noqa: E402
 from learn2pd_core.traces import collect_batch  # noqa: E402
 
@@ -46,7 +47,22 @@ def parse_args(argv=None):
     ap.add_argument("--output", default="runs/collect", help="local directory or s3://bucket/prefix (default runs/collect)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed for --per-task (default 0)")
     ap.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
+    ap.add_argument("--shared-output", action="store_true",
+                    help="assert that a local --output is one filesystem mounted on every node of the cluster")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's own output on the console instead of writing it to the log file")
     return ap.parse_args(argv)
+
+
+def validate(args) -> None:
+    """Everything about the settings that can be known before Ray starts or a model loads."""
+    for name in ("per_task", "limit", "batch_size", "num_actors"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise Learn2PDError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
+        raise Learn2PDError(f"--gpus-per-actor must be >= 0 (got {args.gpus_per_actor})")
+    DecodeConfig(gen_length=args.gen_length, block_size=args.block_size)   # raises the one-line ConfigError
+    check_model(args.model)
 
 
 def write_batch(model, rows: list[dict], output: str, **settings) -> dict:
@@ -64,30 +80,55 @@ def write_batch(model, rows: list[dict], output: str, **settings) -> dict:
 class CollectActor:
     """One model replica: load in __init__, collect a batch in __call__ (Ray's batch-inference pattern)."""
 
-    def __init__(self, model: str, output: str, gen_length: int, block_size: int, chat: bool):
-        self.model = load_model(model)
+    def __init__(self, model: str, output: str, gen_length: int, block_size: int, chat: bool, shared_output: bool,
+                 driver_node: str):
         self.output, self.settings = output, dict(gen_length=gen_length, block_size=block_size, chat=chat)
+        try:
+            check_same_node(output, shared_output, driver_node)
+            self.model, self.failure = load_model(model), None
+        except Learn2PDError as e:
+            # Raised from __init__, Ray would restart the actor to fail the same way again and again; reported
+            # with the first batch, it fails the job once, with this one line. (A crashed actor is still replaced.)
+            self.failure = e
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{"prompt_id": str(p), "task": str(t), "prompt": q}
-                for p, t, q in zip(batch["prompt_id"], batch["task"], batch["prompt"])]
-        return write_batch(self.model, rows, self.output, **self.settings)
+        if self.failure is None:
+            rows = [{"prompt_id": str(p), "task": str(t), "prompt": q}
+                    for p, t, q in zip(batch["prompt_id"], batch["task"], batch["prompt"])]
+            try:
+                return {**write_batch(self.model, rows, self.output, **self.settings), "failure": [""]}
+            except Learn2PDError as e:   # e.g. the output's storage is gone: no later batch can be written either
+                self.failure = e
+        # Returned, not raised: Ray would bury the one line in pages of its own traceback (and not keep the
+        # exception); the driver raises it.
+        return {"prompts": [0], "trace_rows": [0], "errors": [0], "failure": [str(self.failure)]}
 
 
 def collect_with_actors(rows: list[dict], output: str, *, model: str, gen_length: int, block_size: int, chat: bool,
-                        batch_size: int, num_actors: int | None = None, gpus_per_actor: float | None = None) -> list[dict]:
-    """Ray Data shards `rows` over a pool of CollectActors placed by plan_actors; one summary per batch."""
+                        batch_size: int, num_actors: int | None = None, gpus_per_actor: float | None = None,
+                        shared_output: bool = False):
+    """Ray Data shards `rows` over a pool of CollectActors placed by plan_actors; yields one summary per batch
+    as it finishes."""
     import ray
-    gpus, cpus, actors = plan_actors(ray.cluster_resources(), gpus_per_actor, num_actors)
-    return ray.data.from_items(rows).map_batches(
+    gpus, cpus, actors = plan_actors(ray.cluster_resources(), gpus_per_actor, num_actors, largest_node_cpus())
+    ds = ray.data.from_items(rows).map_batches(
         CollectActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus, num_cpus=cpus,
         fn_constructor_kwargs=dict(model=model, output=output, gen_length=gen_length, block_size=block_size,
-                                   chat=chat)).take_all()
+                                   chat=chat, shared_output=shared_output,
+                                   driver_node=ray.get_runtime_context().get_node_id()))
+    for summary in ds.iter_rows():
+        if summary["failure"]:
+            raise Learn2PDError(summary["failure"])
+        yield summary
 
 
 def finished_prompt_ids(output: str) -> set[str]:
-    """Prompts with a reference or an error row; trace parts of unfinished batches are removed."""
+    """Prompts with a reference or an error row; trace parts of unfinished batches are removed, and so is every
+    part of a batch with a part that cannot be read (a truncated upload), so that the batch is redone."""
+    bad = storage.drop_unreadable_batches(output, ("traces", "references", "errors"))
+    if bad:
+        console.say(f"{len(bad)} unreadable part(s) removed, their batches will be collected again: {', '.join(bad)}")
     done = set()
     for kind in ("references", "errors"):
         table = storage.read_dataset(storage.join(output, kind), columns=["prompt_id"])
@@ -102,6 +143,15 @@ def finished_prompt_ids(output: str) -> set[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    validate(args)
+    if args.overwrite:
+        storage.remove(args.output)
+    storage.check_writable(args.output)
+    with console.session(args.output, "collect", args.verbose):
+        return run(args)
+
+
+def run(args) -> int:
     import ray
     import torch
     import transformers
@@ -112,22 +162,25 @@ def main(argv=None) -> int:
     ids = [r["prompt_id"] for r in prompts]
     if len(set(ids)) != len(ids):
         raise Learn2PDError(f"{args.prompts} has duplicate prompt ids; give each row a unique prompt_id")
-    if args.overwrite:
-        storage.remove(args.output)
     done = finished_prompt_ids(args.output)
     pending = [r for r in prompts if r["prompt_id"] not in done]
-    print(f"{len(prompts)} prompts from {args.prompts}: {len(prompts) - len(pending)} already done, "
-          f"{len(pending)} to collect", flush=True)
+    console.say(f"collect: {len(prompts)} prompts from {args.prompts}: {len(prompts) - len(pending)} already done, "
+                f"{len(pending)} to collect" + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
 
     if pending:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-        summary = collect_with_actors(pending, args.output, model=args.model, gen_length=args.gen_length,
-                                      block_size=args.block_size, chat=not args.raw_prompts,
-                                      batch_size=args.batch_size, num_actors=args.num_actors,
-                                      gpus_per_actor=args.gpus_per_actor)
-        print(f"this run: {sum(s['prompts'] for s in summary)} prompts, "
-              f"{sum(s['trace_rows'] for s in summary)} trace rows, {sum(s['errors'] for s in summary)} failures",
-              flush=True)
+        connect(args.verbose)
+        check_shared_output(args.output, args.shared_output)
+        totals = {"prompts": 0, "trace_rows": 0, "errors": 0}
+        with console.progress(len(pending), "collect", "prompt") as bar:
+            for batch in collect_with_actors(pending, args.output, model=args.model, gen_length=args.gen_length,
+                                             block_size=args.block_size, chat=not args.raw_prompts,
+                                             batch_size=args.batch_size, num_actors=args.num_actors,
+                                             gpus_per_actor=args.gpus_per_actor, shared_output=args.shared_output):
+                for k in totals:
+                    totals[k] += batch[k]
+                bar.update(batch["prompts"])
+        console.say(f"this run: {totals['prompts']} prompts, {totals['trace_rows']} trace rows, "
+                    f"{totals['errors']} failures")
 
     refs = storage.read_dataset(storage.join(args.output, "references"), columns=["prompt_id", "trace_rows"])
     errs = storage.read_dataset(storage.join(args.output, "errors"), columns=["prompt_id"])
@@ -142,8 +195,8 @@ def main(argv=None) -> int:
         "counts": {"prompts": len(prompts), "collected": n_refs, "trace_rows": n_rows, "errors": n_errs},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__},
         "started": started.isoformat(), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()})
-    print(f"traces in {storage.join(args.output, 'traces')}")
-    print(f"collect: {n_refs} prompts, {n_rows} trace rows, {n_errs} failures -> {args.output}")
+    console.say(f"collect: {n_refs} prompts, {n_rows} trace rows, {n_errs} failures -> "
+                f"{storage.join(args.output, 'traces')}")
     return 0
 
 

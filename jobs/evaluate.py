@@ -23,10 +23,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
 from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import Learn2PDError, storage  # noqa: E402
+from learn2pd_core import DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
 from learn2pd_core.evaluation import (aup_table, evaluate_examples, expand_methods, markdown, summarize,  # noqa: E402
                                       target_checks)
-from learn2pd_core.placement import plan_actors  # noqa: E402
+from learn2pd_core.placement import (check_same_node, check_shared_output, connect,  # noqa: E402
+                                     largest_node_cpus, plan_actors)
 
 METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp,threshold+dual,learn2pd+eotp+dual"
 SWEEP = "0.5,0.7,0.8,0.9,0.95,0.99"
@@ -66,7 +67,44 @@ def parse_args(argv=None):
     ap.add_argument("--raw-prompts", action="store_true", help="tokenise prompts without the model's chat template")
     ap.add_argument("--output", default="runs/evaluate", help="local directory or s3://bucket/prefix (default runs/evaluate)")
     ap.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
+    ap.add_argument("--shared-output", action="store_true",
+                    help="assert that a local --output is one filesystem mounted on every node of the cluster")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's own output on the console instead of writing it to the log file")
     return ap.parse_args(argv)
+
+
+def validate(args) -> tuple[list[str], str | None]:
+    """Everything that can be known before Ray starts or a model loads: the settings, every method at every gen
+    length, the model's files, and the filter and its block size. Returns (methods, filter URI or None)."""
+    from learn2pd_core import load_filter
+    for name in ("limit", "long_limit", "batch_size", "num_actors", "shots"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "shots" else 1):
+            raise Learn2PDError(f"--{name.replace('_', '-')} must be at least {0 if name == 'shots' else 1} (got {value})")
+    if not args.gen_lengths:
+        raise Learn2PDError("--gen-lengths is empty: give at least one generation length, e.g. 256")
+    try:
+        sweep = [float(t) for t in args.sweep.split(",") if t]
+    except ValueError:
+        raise Learn2PDError(f"--sweep {args.sweep!r} is not a comma list of thresholds, e.g. 0.9,0.99") from None
+    methods = expand_methods([m for m in args.methods.split(",") if m], sweep)
+    model_type = check_model(args.model)
+    if model_type != "llada" and any("+prefix" in m or "+dual" in m for m in methods):
+        raise Learn2PDError(f"--model {args.model} is a {model_type or 'non-LLaDA'} checkpoint: the KV cache "
+                            "(+prefix, +dual) needs a LLaDA checkpoint; drop those methods from --methods")
+    filt = None
+    if any(m.startswith("learn2pd") for m in methods):
+        if not (storage.exists(storage.join(args.filter, "filter.safetensors"))
+                or (args.filter.endswith(".safetensors") and storage.exists(args.filter))):
+            raise Learn2PDError(f"no filter at {args.filter}: run jobs/train_filter.py first, pass --filter to its "
+                                "output, or drop the learn2pd methods from --methods")
+        filt = load_filter(args.filter)
+    for gen in args.gen_lengths:
+        for m in methods:   # gen length vs block size, the filter's block size, thresholds: one line each
+            DecodeConfig.from_method(m, gen_length=gen, block_size=args.block_size, filter=filt,
+                                     references=[[0] * gen] if m.startswith("egp") else None)
+    return methods, (args.filter if filt is not None else None)
 
 
 def example_rows(args) -> list[dict]:
@@ -103,16 +141,33 @@ def chunks(rows: list[dict], batch_size: int, actors: int) -> list[dict]:
 class EvaluateActor:
     """One model replica: load in __init__, decode a batch with every method in __call__."""
 
-    def __init__(self, model, filter, output, methods, block_size, chat, batch_size):
-        from learn2pd_core import DecodeConfig, generate, load_filter, load_model
-        self.model = load_model(model)
-        self.filter = load_filter(filter) if filter else None
+    def __init__(self, model, filter, output, methods, block_size, chat, batch_size, shared_output, driver_node):
+        from learn2pd_core import generate, load_filter, load_model
         self.output, self.methods, self.block_size, self.chat, self.batch_size = output, methods, block_size, chat, batch_size
+        try:
+            check_same_node(output, shared_output, driver_node)
+            self.model, self.failure = load_model(model), None
+        except Learn2PDError as e:
+            # Raised from __init__, Ray would restart the actor to fail the same way again and again; reported
+            # with the first batch, it fails the job once, with this one line. (A crashed actor is still replaced.)
+            self.failure = e
+            return
+        self.filter = load_filter(filter) if filter else None
         # The first forward passes pay one-off costs (allocator, kernels); keep them out of vanilla's timing.
         generate(self.model, [[self.model.pad_token_id + 1] * 8], DecodeConfig(gen_length=block_size, block_size=block_size))
         self.device = device_name(self.model.device)
 
     def __call__(self, batch: dict) -> dict:
+        if self.failure is None:
+            try:
+                return {**self.evaluate_batch(batch), "failure": [""]}
+            except Learn2PDError as e:   # e.g. the output's storage is gone: no later batch can be written either
+                self.failure = e
+        # Returned, not raised: Ray would bury the one line in pages of its own traceback (and not keep the
+        # exception); the driver raises it.
+        return {"examples": [0], "errors": [0], "failure": [str(self.failure)]}
+
+    def evaluate_batch(self, batch: dict) -> dict:
         import pyarrow as pa
         rows = [r for chunk in batch["rows"] for r in json.loads(chunk)]
         groups = {}
@@ -210,24 +265,31 @@ def write_report(args, manifest: dict, keys: set[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    methods, filter_uri = validate(args)
+    cpu_default = args.long_limit is None and args.model == "tiny" and not _has_cuda()
+    if cpu_default:
+        args.long_limit = 6
+    rows = example_rows(args)
+    if args.overwrite:
+        storage.remove(args.output)
+    storage.check_writable(args.output)
+    with console.session(args.output, "evaluate", args.verbose):
+        if cpu_default:
+            console.say("evaluate: gen lengths above 256 use 6 examples per benchmark (the CPU default; "
+                        "--long-limit changes it)")
+        return run(args, methods, filter_uri, rows)
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def run(args, methods: list[str], filter_uri: str | None, rows: list[dict]) -> int:
     import ray
     import torch
     import transformers
 
-    if args.long_limit is None and args.model == "tiny" and not torch.cuda.is_available():
-        args.long_limit = 6
-        print("gen lengths above 256: 6 examples per benchmark (the CPU default; --long-limit changes it)", flush=True)
-    methods = expand_methods([m for m in args.methods.split(",") if m],
-                             [float(t) for t in args.sweep.split(",") if t])
-    needs_filter = any(m.startswith("learn2pd") for m in methods)
-    if needs_filter and not (storage.exists(storage.join(args.filter, "filter.safetensors"))
-                             or (args.filter.endswith(".safetensors") and storage.exists(args.filter))):
-        raise Learn2PDError(f"no filter at {args.filter}: run jobs/train_filter.py first, pass --filter to its "
-                            "output, or drop the learn2pd methods from --methods")
-    filter_uri = args.filter if needs_filter else None
-    rows = example_rows(args)
-    if args.overwrite:
-        storage.remove(args.output)
     manifest = {"stage": "evaluate", "model": args.model, "filter": filter_uri, "benchmarks": args.benchmarks,
                 "data_dir": args.data_dir, "shots": args.shots, "methods": methods, "gen_lengths": args.gen_lengths,
                 "block_size": args.block_size, "limit": args.limit, "long_limit": args.long_limit,
@@ -241,26 +303,38 @@ def main(argv=None) -> int:
     manifest["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     storage.write_json(path, manifest)
 
+    bad = storage.drop_unreadable_batches(args.output, ("results", "errors"))
+    if bad:
+        console.say(f"{len(bad)} unreadable part(s) removed, their examples will be decoded again: {', '.join(bad)}")
     done = done_keys(args.output)
     pending = [r for r in rows if key(r) not in done]
-    print(f"{len(rows)} examples x {len(methods)} methods: {len(rows) - len(pending)} already done, "
-          f"{len(pending)} to decode", flush=True)
+    console.say(f"evaluate: {len(rows)} examples x {len(methods)} methods: {len(rows) - len(pending)} already done, "
+                f"{len(pending)} to decode" + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
     if pending:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-        gpus, cpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors)
-        counts = ray.data.from_items(chunks(pending, args.batch_size, actors)).map_batches(
+        ray = connect(args.verbose)
+        check_shared_output(args.output, args.shared_output)
+        gpus, cpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors,
+                                         largest_node_cpus())
+        batches = ray.data.from_items(chunks(pending, args.batch_size, actors)).map_batches(
             EvaluateActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus, num_cpus=cpus,
             fn_constructor_kwargs=dict(model=args.model, filter=filter_uri, output=args.output, methods=methods,
                                        block_size=args.block_size, chat=False if args.raw_prompts else None,
-                                       batch_size=args.batch_size)).take_all()
-        print(f"this run: {sum(c['examples'] for c in counts)} examples, {sum(c['errors'] for c in counts)} failures",
-              flush=True)
+                                       batch_size=args.batch_size, shared_output=args.shared_output,
+                                       driver_node=ray.get_runtime_context().get_node_id()))
+        examples = failures = 0
+        with console.progress(len(pending), "evaluate", "example") as bar:
+            for c in batches.iter_rows():
+                if c["failure"]:
+                    raise Learn2PDError(c["failure"])
+                examples, failures = examples + c["examples"], failures + c["errors"]
+                bar.update(c["examples"])
+        console.say(f"this run: {examples} examples, {failures} failures")
     manifest["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     storage.write_json(path, manifest)
-    print()
-    print(write_report(args, manifest, {key(r) for r in rows}))
-    print(f"report in {storage.join(args.output, 'report.md')} (and report.json, tradeoff.png, forwards_per_block.png)")
+    console.say("\n" + write_report(args, manifest, {key(r) for r in rows}))
+    console.say(f"report in {storage.join(args.output, 'report.md')} (and report.json, tradeoff.png, "
+                "forwards_per_block.png)")
     return 0
 
 

@@ -24,7 +24,7 @@ import collect  # noqa: E402
 import evaluate  # noqa: E402
 import train_filter  # noqa: E402
 from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import Learn2PDError, storage  # noqa: E402
+from learn2pd_core import DecodeConfig, Learn2PDError, console, storage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,6 +47,10 @@ def parse_args(argv=None):
     ap.add_argument("--gpus-per-actor", type=float, help="collect and evaluate: GPUs per actor")
     ap.add_argument("--num-workers", type=int, default=1, help="train_filter: Ray Train workers")
     ap.add_argument("--use-gpu", action="store_true", help="train_filter: one GPU per worker")
+    ap.add_argument("--shared-output", action="store_true",
+                    help="assert that a local --run-dir is one filesystem mounted on every node of the cluster")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's own output on the console instead of writing it to <run-dir>/pipeline.log")
     ap.add_argument("--stage-args", action="append", default=[], metavar="STAGE:ARGS",
                     help="extra flags for one stage, e.g. --stage-args 'evaluate:--sweep 0.9,0.99' (repeatable)")
     return ap.parse_args(argv)
@@ -55,16 +59,17 @@ def parse_args(argv=None):
 def stage_argv(args) -> dict[str, list[str]]:
     run = args.run_dir
     shared = [f"--block-size={args.block_size}"] + (["--raw-prompts"] if args.raw_prompts else [])
+    common = (["--verbose"] if args.verbose else []) + (["--shared-output"] if args.shared_output else [])
     actors = ([f"--num-actors={args.num_actors}"] if args.num_actors else []) + \
              ([f"--gpus-per-actor={args.gpus_per_actor}"] if args.gpus_per_actor is not None else [])
     out = {
         "collect": [f"--model={args.model}", f"--output={run}/collect", f"--gen-length={args.collect_gen_length}",
-                    *shared, *actors] + ([f"--prompts={args.prompts}"] if args.prompts else [])
+                    *shared, *actors, *common] + ([f"--prompts={args.prompts}"] if args.prompts else [])
         + ([f"--per-task={args.per_task}"] if args.per_task else []),
         "train_filter": [f"--traces={run}/collect", f"--output={run}/filter", f"--epochs={args.epochs}",
-                         f"--num-workers={args.num_workers}"] + (["--use-gpu"] if args.use_gpu else []),
+                         f"--num-workers={args.num_workers}", *common] + (["--use-gpu"] if args.use_gpu else []),
         "evaluate": [f"--model={args.model}", f"--filter={run}/filter", f"--output={run}/evaluate",
-                     f"--benchmarks={args.benchmarks}", *shared, *actors]
+                     f"--benchmarks={args.benchmarks}", *shared, *actors, *common]
         + ([f"--data-dir={args.data_dir}"] if args.data_dir else [])
         + ([f"--gen-lengths={args.gen_lengths}"] if args.gen_lengths else [])
         + ([f"--limit={args.limit}"] if args.limit is not None else [])
@@ -95,24 +100,43 @@ def complete(stage: str, run: str) -> str | None:
     return None
 
 
+def validate(argvs: dict[str, list[str]]) -> None:
+    """What can be checked before the first stage starts: collect's settings and model, and evaluate's generation
+    lengths against the block size (its filter does not exist yet; evaluate checks it when it starts)."""
+    collect.validate(collect.parse_args(argvs["collect"]))
+    ev = evaluate.parse_args(argvs["evaluate"])
+    for gen in ev.gen_lengths:
+        DecodeConfig(gen_length=gen, block_size=ev.block_size)
+    train_filter.parse_args(argvs["train_filter"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    argvs = stage_argv(args)
+    validate(argvs)
+    with console.session(args.run_dir, "pipeline", args.verbose):
+        return run(args, argvs)
+
+
+def run(args, argvs: dict[str, list[str]]) -> int:
     import ray
     # The stage modules are imported here, not run as __main__: ship their actor classes and training loop
     # to the workers by value, so workers need only learn2pd_core, not the jobs/ directory on their path.
     for module in (collect, train_filter, evaluate):
         ray.cloudpickle.register_pickle_by_value(module)
+    if console.log_path():
+        console.say(f"pipeline: Ray's output goes to {console.log_path()} (--verbose shows it here)")
     stages = {"collect": collect.main, "train_filter": train_filter.main, "evaluate": evaluate.main}
-    for name, argv_ in stage_argv(args).items():
+    for name, argv_ in argvs.items():
         done = complete(name, args.run_dir)
         if done:
-            print(f"== {name}: already complete, skipped ({done})", flush=True)
+            console.say(f"== {name}: already complete, skipped ({done})")
             continue
-        print(f"== {name}: python jobs/{name}.py {' '.join(argv_)}", flush=True)
+        console.say(f"== {name}: python jobs/{name}.py {' '.join(argv_)}")
         stages[name](argv_)
     if done:   # the last stage was skipped: show its report anyway
-        print(storage.read_bytes(storage.join(args.run_dir, "evaluate", "report.md")).decode())
-    print(f"pipeline complete: {args.run_dir}")
+        console.say(storage.read_bytes(storage.join(args.run_dir, "evaluate", "report.md")).decode())
+    console.say(f"pipeline complete: {args.run_dir}")
     return 0
 
 

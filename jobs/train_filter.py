@@ -24,7 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
 from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import FilterMLP, Learn2PDError, save_filter, storage  # noqa: E402
+from learn2pd_core import FilterMLP, Learn2PDError, console, save_filter, storage  # noqa: E402
+from learn2pd_core.placement import check_shared_output, connect, largest_node_cpus  # noqa: E402
 from learn2pd_core.filter import FitRows, bce_gradients, commit_counts, commit_metrics, validation_prompts  # noqa: E402
 from learn2pd_core.report import loss_curve_png  # noqa: E402
 
@@ -58,6 +59,11 @@ def parse_args(argv=None):
                     help="epochs between ray.train.report calls, each with a checkpoint (default: epochs/10)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batch order")
     ap.add_argument("--overwrite", action="store_true", help="refit even if --output already holds this fit")
+    ap.add_argument("--shared-output", action="store_true",
+                    help="assert that a local --output (where Ray Train keeps its checkpoints) is one filesystem "
+                         "mounted on every node of the cluster")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's own output on the console instead of writing it to the log file")
     return ap.parse_args(argv)
 
 
@@ -67,6 +73,11 @@ def trace_source(uri: str) -> tuple[str, dict]:
     for traces, manifest in ((storage.join(uri, "traces"), storage.join(uri, "manifest.json")),
                              (uri, storage.join(uri.rstrip("/").rsplit("/", 1)[0], "manifest.json"))):
         if storage.list_parts(traces):
+            bad = storage.unreadable_parts(traces)
+            if bad:
+                raise Learn2PDError(f"{len(bad)} trace part(s) cannot be read (truncated or corrupt), first {bad[0]}: "
+                                    "rerun jobs/collect.py with the same --output, which removes them and collects "
+                                    "their prompts again")
             return traces, (storage.read_json(manifest) if storage.exists(manifest) else {})
     raise Learn2PDError(f"no trace parts under {uri} (looked in {uri}/traces and {uri}): "
                         "run jobs/collect.py first or pass --traces to a collect output")
@@ -178,6 +189,8 @@ def train_loop(cfg: dict):
         last = epoch == cfg["epochs"]
         if epoch % cfg["eval_every"] and not last:
             continue
+        if rank == 0 and cfg.get("progress") is not None:
+            cfg["progress"].put_nowait(epoch)   # the driver's progress bar
         with torch.no_grad():
             train_sum = total(bce(filt(x), y, reduction="sum").item())[0]
             val_sum = bce(filt(vx), vy, reduction="sum").item()
@@ -224,14 +237,23 @@ def main(argv=None) -> int:
             raise Learn2PDError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0 or args.batch_size < 0 or (args.hidden is not None and args.hidden < 1):
         raise Learn2PDError("--lr must be > 0, --batch-size >= 0 (0 = full batch), --hidden >= 1")
-    import ray
+    if not 0 < args.val_fraction < 1:
+        raise Learn2PDError(f"--val-fraction must be between 0 and 1 (got {args.val_fraction})")
+    traces_uri, manifest = trace_source(args.traces)
+    storage.check_writable(args.output)
+    with console.session(args.output, "train_filter", args.verbose):
+        return run(args, traces_uri, manifest)
+
+
+def run(args, traces_uri: str, manifest: dict) -> int:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    traces_uri, manifest = trace_source(args.traces)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
-    cpus = args.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // args.num_workers)
+    ray = connect(args.verbose)
+    check_shared_output(args.output, args.shared_output)
+    cpus = args.cpus_per_worker or max(1, int(min(ray.cluster_resources().get("CPU", 1) // args.num_workers,
+                                                  largest_node_cpus())))
     fs, path = storage.resolve(traces_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["prompt_id", "confidence", "correct", "masked"])
 
@@ -246,7 +268,7 @@ def main(argv=None) -> int:
     block_size = int(sizes[0])
     non_finite = rows - int(stats.sum("finite"))
     if non_finite:
-        print(f"dropping {non_finite} of {rows} trace rows with NaN/inf confidences", flush=True)
+        console.say(f"dropping {non_finite} of {rows} trace rows with NaN/inf confidences")
     if non_finite == rows:
         raise Learn2PDError(f"every trace row at {traces_uri} has NaN/inf confidences: nothing to fit")
     val_ids = validation_prompts(stats.unique("prompt_id"), args.val_fraction, args.seed)
@@ -254,8 +276,10 @@ def main(argv=None) -> int:
     fp = fingerprint(args, manifest, block_size)
     metrics_uri = storage.join(args.output, "metrics.json")
     if not args.overwrite and storage.exists(metrics_uri) and storage.read_json(metrics_uri).get("fingerprint") == fp:
-        print(f"{args.output} already holds this fit (fingerprint {fp}); --overwrite to refit")
+        console.say(f"{args.output} already holds this fit (fingerprint {fp}); --overwrite to refit")
         return 0
+    console.say(f"train_filter: {rows} trace rows from {traces_uri}, {args.epochs} epochs"
+                + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
 
     out_fs, out_path = storage.resolve(args.output)
     run_dir = storage.join(out_path, "_ray_train")   # hidden from readers; same name on rerun = resume
@@ -263,12 +287,14 @@ def main(argv=None) -> int:
         storage.remove(storage.join(args.output, "_ray_train"))
     eval_every = args.eval_every or max(1, args.epochs // 100)
     report_every = args.report_every or max(eval_every, args.epochs // 10 // eval_every * eval_every)
+    from ray.util.queue import Queue
+    epochs_done = Queue(maxsize=1000)   # rank 0 puts each evaluated epoch here; the driver draws the bar
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dict(block_size=block_size, hidden=args.hidden, layers=args.layers, lr=args.lr,
                                epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, use_gpu=args.use_gpu,
                                eval_every=eval_every, report_every=report_every, threads=cpus,
-                               precision=args.precision),
+                               precision=args.precision, progress=epochs_done),
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                                resources_per_worker={"CPU": cpus}),
         # Materialised before training: the workers may hold every CPU, leaving none for Ray Data tasks.
@@ -281,7 +307,7 @@ def main(argv=None) -> int:
                                        storage_filesystem=out_fs if args.output.startswith("s3://") else None,
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     t0 = time.time()
-    result = trainer.fit()
+    result = fit_with_progress(trainer, epochs_done, args.epochs)
     fit_seconds = time.time() - t0
     with result.checkpoint.as_directory() as d:
         import torch
@@ -309,13 +335,39 @@ def main(argv=None) -> int:
     storage.write_json(metrics_uri, metrics)   # last: its presence marks the fit as finished
     storage.remove(storage.join(args.output, "_ray_train"))
     c = metrics["commit"] or {}
-    print("commit on validation (masked positions): " + "; ".join(
+    console.say("commit on validation (masked positions): " + "; ".join(
         f"tau {t}: precision {v['precision'] if v['precision'] is None else round(v['precision'], 4)}, "
         f"recall {v['recall'] if v['recall'] is None else round(v['recall'], 4)}" for t, v in c.items()))
-    print(f"filter -> {args.output}: {rows - non_finite} rows, {metrics['parameters']} parameters, best epoch "
+    console.say(f"filter -> {args.output}: {rows - non_finite} rows, {metrics['parameters']} parameters, best epoch "
           f"{best['epoch']}, train {metrics['final_train_loss']:.4f}, val {best['val_loss']:.4f} (base rate "
           f"{metrics['base_rate_val_loss']:.4f}), fit {fit_seconds:.1f} s")
     return 0
+
+
+def fit_with_progress(trainer, epochs_done, epochs: int):
+    """trainer.fit() in a thread while this one draws the epochs' progress bar."""
+    import queue
+    import threading
+    box = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:   # re-raised in the driver's thread, where run_cli turns it into one line
+            box["error"] = e
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    with console.progress(epochs, "train_filter", "epoch") as bar:
+        while thread.is_alive():
+            try:
+                epoch = epochs_done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            bar.update(epoch - bar.n)
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 if __name__ == "__main__":

@@ -115,11 +115,13 @@ def test_ray_job_submit(tmp_path, ray_head):
     address, env = ray_head
     out = str(tmp_path / "out")
     proc = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                           "--", "python", "jobs/collect.py", *FAST, "--limit", "2", "--output", out],
+                           "--", "python", "jobs/collect.py", *FAST, "--limit", "2", "--output", out, "--verbose"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "collect: 2 prompts" in proc.stdout
     assert len(rows(out, "references")) == 2
+    # --verbose: Ray's own output on the console, no log file
+    assert "execution finished" in proc.stdout + proc.stderr and not os.path.exists(os.path.join(out, "collect.log"))
 
 
 def test_a_dead_actor_is_replaced_and_its_batch_retried(tmp_path):
@@ -157,3 +159,4 @@ def test_actor_placement_splits_cpus_and_gpus():
     assert plan_actors({"CPU": 16.0}, None, 3) == (0, 5, 3)
     assert plan_actors({"CPU": 32.0, "GPU": 4.0}, None, None) == (1, None, 4)
     assert plan_actors({"CPU": 32.0, "GPU": 4.0}, 0.5, None) == (0.5, None, 8)
+    assert plan_actors({"CPU": 2.0}, None, 1, largest_node_cpus=1) == (0, 1, 1)   # two 1-CPU nodes: 1 fits anywhere

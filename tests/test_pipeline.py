@@ -7,7 +7,8 @@ from learn2pd_core import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--per-task", "1", "--collect-gen-length", "32", "--epochs", "200", "--gen-lengths", "32", "--limit", "3",
-        "--num-actors", "1", "--stage-args", "collect:--limit 4", "--stage-args", "evaluate:--sweep 0.7"]
+        "--num-actors", "1", "--stage-args", "collect:--limit 4", "--stage-args", "evaluate:--sweep 0.7",
+        "--stage-args", "train_filter:--report-every 200"]
 
 
 def submit(address, env, run_dir):
@@ -30,6 +31,11 @@ def test_pipeline_runs_every_stage_then_skips_them(ray_head, tmp_path):
     results = storage.read_dataset(storage.join(run, "evaluate", "results"))
     assert set(results.column("example_id").to_pylist()).__len__() == 3
     assert "| learn2pd+eotp |" in first and "pipeline complete" in first
+    # A console a person can read: the stages' lines, progress bars and report; Ray's own output is in the log.
+    log = Path(run, "pipeline.log").read_text()
+    assert f"Ray's output goes to {Path(run, 'pipeline.log')}" in first
+    for noise in ("execution finished", "TrainController", "Reporting training result"):
+        assert noise not in first and noise in log
 
     second = submit(address, env, run)
     for stage in ("collect", "train_filter", "evaluate"):
