@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "learn2pd_core" / "tiny" / "checkpoint"
 sys.path.insert(0, str(ROOT / "jobs"))
 import collect  # noqa: E402
+import evaluate  # noqa: E402
+import train_filter  # noqa: E402
+from learn2pd_core.errors import run_cli  # noqa: E402
 
 
 PROGRESS = re.compile(r"^\w+: +\d+%\|")   # the stage's progress bar, also on stderr
@@ -42,6 +45,19 @@ def one_line_failure(proc, *needles):
     return err[0]
 
 
+def driver_failure(module, *args, needles=()):
+    """A job's main() in this process, as run_cli runs it: the one line it exits with. Ray must not have started."""
+    import ray
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: module.main(list(args)))
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    assert not ray.is_initialized()
+    return message
+
+
 @pytest.fixture(scope="module")
 def filter32(tmp_path_factory):
     out = tmp_path_factory.mktemp("filter32")
@@ -50,40 +66,43 @@ def filter32(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- one line, before Ray starts or a model loads
-def test_settings_model_and_filter_are_checked_in_the_driver(tmp_path, filter32):
+def test_settings_model_and_filter_are_checked_in_the_driver(tmp_path, filter32, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     cases = [
-        (("collect", "--gen-length", "40", "--block-size", "32"), ("gen_length 40 is not a multiple of block_size 32",)),
-        (("evaluate", "--gen-lengths", "40", "--block-size", "32", "--filter", filter32),
+        (collect, ("--gen-length", "40", "--block-size", "32"), ("gen_length 40 is not a multiple of block_size 32",)),
+        (evaluate, ("--gen-lengths", "40", "--block-size", "32", "--filter", filter32),
          ("gen_length 40 is not a multiple of block_size 32",)),
-        (("evaluate", "--gen-lengths", "64", "--block-size", "16", "--filter", filter32),
+        (evaluate, ("--gen-lengths", "64", "--block-size", "16", "--filter", filter32),
          ("filter was trained for block_size 32",)),
-        (("collect", "--model", str(tmp_path / "no-such-model")), ("does not exist", "no-such-model")),
-        (("evaluate", "--model", str(tmp_path / "no-such-model"), "--filter", filter32), ("does not exist",)),
-        (("collect", "--batch-size", "0"), ("--batch-size must be at least 1",)),
-        (("train_filter", "--traces", str(tmp_path / "nothing")), ("no trace parts under",)),
+        (collect, ("--model", str(tmp_path / "no-such-model")), ("does not exist", "no-such-model")),
+        (evaluate, ("--model", str(tmp_path / "no-such-model"), "--filter", filter32), ("does not exist",)),
+        (collect, ("--batch-size", "0"), ("--batch-size must be at least 1",)),
+        (train_filter, ("--traces", str(tmp_path / "nothing")), ("no trace parts under",)),
     ]
-    for (name, *args), needles in cases:
-        proc = job(name, *args, "--output", str(out))
-        one_line_failure(proc, *needles)
+    for module, args, needles in cases:
+        driver_failure(module, *args, "--output", str(out), needles=needles)
         assert not out.exists()   # nothing started: no log, no manifest, not even the directory
+    # and as a user sees it: exit status 1, one line on stderr, nothing else
+    one_line_failure(job("collect", "--gen-length", "40", "--output", str(out)), "not a multiple of block_size")
 
 
 def test_unwritable_output_is_found_before_any_decoding(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = job("collect", "--output", str(blocker / "out"))
-    one_line_failure(proc, f"cannot write to the output {blocker / 'out'}", "Not a directory")
+    driver_failure(collect, "--output", str(blocker / "out"),
+                   needles=(f"cannot write to the output {blocker / 'out'}", "Not a directory"))
 
 
-def test_s3_endpoint_down_or_bucket_missing_is_one_line(s3_server, tmp_path):
-    proc = job("collect", "--output", "s3://no-such-bucket/run", cwd=tmp_path)
-    one_line_failure(proc, "cannot write to the output s3://no-such-bucket/run", "bucket exists")
+def test_s3_endpoint_down_or_bucket_missing_is_one_line(s3_server, monkeypatch):
+    driver_failure(collect, "--output", "s3://no-such-bucket/run",
+                   needles=("cannot write to the output s3://no-such-bucket/run", "bucket exists"))
     with socket.socket() as s:   # a loopback port with nothing listening
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    proc = job("collect", "--output", f"{s3_server}/run", env={"AWS_ENDPOINT_URL": dead}, cwd=tmp_path)
-    one_line_failure(proc, f"cannot write to the output {s3_server}/run", "endpoint")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    driver_failure(collect, "--output", f"{s3_server}/run", needles=(f"cannot write to the output {s3_server}/run",
+                                                                     "NETWORK_CONNECTION", "endpoint"))
 
 
 def test_prompt_lines_that_are_not_utf8_are_reported_and_skipped(tmp_path, capsys):
@@ -126,8 +145,8 @@ def test_train_filter_names_a_truncated_trace_part(tmp_path):
     out = str(tmp_path / "out")
     name = _batch(out, ["p1"], kinds=("traces",))
     _truncate(storage.join(out, "traces", name))
-    proc = job("train_filter", "--traces", out, "--output", str(tmp_path / "filter"))
-    one_line_failure(proc, "cannot be read", name, "rerun jobs/collect.py")
+    driver_failure(train_filter, "--traces", out, "--output", str(tmp_path / "filter"),
+                   needles=("cannot be read", name, "rerun jobs/collect.py"))
 
 
 def test_storage_errors_name_the_file(tmp_path):
@@ -202,27 +221,27 @@ def two_nodes():
 
 
 def test_two_nodes_refuse_a_local_output_and_run_on_s3(two_nodes, s3_server, tmp_path):
+    """The refusal through the pipeline; the work through collect and train_filter (evaluate's actors are
+    placed and write exactly as collect's)."""
     env = {"RAY_ADDRESS": two_nodes}
     local = tmp_path / "run"
     proc = job("pipeline", "--run-dir", str(local), "--per-task", "1", env=env)
     one_line_failure(proc, "is a local path, but the Ray cluster has 2 nodes", "s3://", "--shared-output")
     assert not (local / "collect" / "references").exists()
 
+    # collect's actors and train_filter's two Ray Train workers (one CPU each: no node has two) on both nodes
     run = f"{s3_server}/two-nodes"
-    proc = job("pipeline", "--run-dir", run, "--per-task", "1", "--collect-gen-length", "32", "--epochs", "20",
-               "--gen-lengths", "32", "--limit", "2", "--stage-args", "collect:--limit 4 --batch-size 2",
-               "--stage-args", "train_filter:--report-every 20",
-               "--stage-args", "evaluate:--sweep= --methods vanilla,learn2pd+eotp+dual --batch-size 1",
-               env=env, cwd=tmp_path)
+    proc = job("collect", "--per-task", "1", "--limit", "4", "--gen-length", "32", "--batch-size", "1",
+               "--output", f"{run}/collect", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert storage.read_dataset(storage.join(run, "collect", "references")).num_rows == 4
-    assert storage.exists(storage.join(run, "filter", "filter.safetensors"))
-    results = storage.read_dataset(storage.join(run, "evaluate", "results")).to_pylist()
-    assert len({r["example_id"] for r in results}) == 2
-    assert {r["method"] for r in results} == {"vanilla", "learn2pd+eotp+dual"}
+    proc = job("train_filter", "--traces", f"{run}/collect", "--output", f"{run}/filter", "--epochs", "20",
+               "--report-every", "20", "--num-workers", "2", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert storage.read_json(storage.join(run, "filter", "metrics.json"))["num_workers"] == 2
     # An S3 run's log is written locally while it runs (./logs), then copied beside the outputs.
-    assert "execution finished" in storage.read_bytes(storage.join(run, "pipeline.log")).decode()
-    assert (tmp_path / "logs" / "pipeline-learn2pd-test_two-nodes.log").is_file()
+    assert "execution finished" in storage.read_bytes(storage.join(run, "collect", "collect.log")).decode()
+    assert (tmp_path / "logs" / "collect-learn2pd-test_two-nodes_collect.log").is_file()
 
 
 def test_an_actor_on_another_node_refuses_a_local_output(two_nodes):
