@@ -101,10 +101,8 @@ def prompts_of_lengths(*lengths, seed=1):
     return [torch.randint(3, MASK, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-API server process (moto) on loopback, with one bucket; yields the s3:// root URI."""
-    import os
+def start_s3_server(bucket: str):
+    """A real S3-API server process (moto) on loopback with `bucket` created: (process, AWS settings, client)."""
     import socket
     import subprocess
     import sys
@@ -118,17 +116,27 @@ def s3_server():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"])
+    for _ in range(100):
+        try:
+            client.create_bucket(Bucket=bucket)
+            return proc, env, client
+        except Exception:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto S3 server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-API server process (moto) on loopback, with one bucket; yields the s3:// root URI."""
+    import os
+
+    proc, env, _ = start_s3_server("learn2pd-test")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="learn2pd-test")
-                break
-            except Exception:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("moto S3 server did not start")
         yield "s3://learn2pd-test"
     finally:
         proc.terminate()

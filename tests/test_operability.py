@@ -172,23 +172,9 @@ def test_a_model_that_cannot_load_fails_the_job_once(tmp_path):
 
 
 def test_losing_the_s3_endpoint_mid_job_is_one_line_naming_the_part(tmp_path):
-    import boto3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1"}
+    from conftest import start_s3_server
+    server, env, s3 = start_s3_server("lost")
     try:
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing-secret", region_name="us-east-1")
-        for _ in range(100):
-            try:
-                s3.create_bucket(Bucket="lost")
-                break
-            except Exception:
-                time.sleep(0.1)
         job_proc = subprocess.Popen(
             [sys.executable, str(ROOT / "jobs" / "collect.py"), "--limit", "24", "--gen-length", "32",
              "--batch-size", "2", "--num-actors", "1", "--output", "s3://lost/run"], cwd=tmp_path,
