@@ -10,7 +10,8 @@ Cached values go stale as the block fills: an approximation, which is why the pa
 `refresh="step"` stores fresh keys/values before every step's cached forward: exact (the no-cache result token
 for token) at two forwards a step, a check of the cached path rather than a speed-up.
 
-The cache holds keys/values [slots, kv_heads, L, head_dim] per layer for the rows still decoding: allocated once
+The cache holds keys/values [slots, kv_heads, L + 1, head_dim] per layer for the rows still decoding, in position
+order; a cached forward writes the positions it computes into it and attends over it, copying nothing. Allocated once
 per batch, and compacted when rows leave (finished, or cut by EoTP), so they stop costing memory.
 """
 from __future__ import annotations
@@ -107,28 +108,26 @@ class BlockForward:
     def _cached(self, rows, block_start, region) -> StepLogits:
         dev, L, S = self.x.device, self.x.shape[1], self.S
         end = self.end[rows, None]
-        if self.mode == "dual":
-            q = block_start[:, None] + torch.arange(S, device=dev)                       # [R, S] the block
-            # keys outside the block: [0, block) and [block + S, end); EoTP may have cut the block itself short
-            width = int(torch.maximum(self.end[rows] - S, block_start).max())
-            j = torch.arange(max(width, 0), device=dev)[None, :]
-            k = torch.where(j < block_start[:, None], j, j + S)                          # [R, Tk] skip the block
-            k_ok = self.real[rows[:, None], k.clamp(max=L - 1)] & (k < end)
-        else:  # prefix
-            width = int((self.end[rows] - block_start).max())
-            q = block_start[:, None] + torch.arange(width, device=dev)                   # block and after
-            k = torch.arange(int(block_start.max()), device=dev).expand(len(rows), -1)   # [R, Tk] before the block
-            k_ok = self.real[rows[:, None], k] & (k < block_start[:, None])
+        # queries: dual the block; prefix the block and everything after it (so EoTP predict sees the rest)
+        width = S if self.mode == "dual" else int((self.end[rows] - block_start).max())
+        q = block_start[:, None] + torch.arange(width, device=dev)                       # [R, W] absolute
         q_ok = q < end
         qc = q.clamp(max=L - 1)
-        past = [(kl[self.slot[rows][:, None], :, k.clamp(max=L - 1)].transpose(1, 2),
-                 vl[self.slot[rows][:, None], :, k.clamp(max=L - 1)].transpose(1, 2)) for kl, vl in self.kv]
-        # prefix computes the block and everything after it, so EoTP predict sees the rest of the generation; dual
-        # computes the block only.
+        # Keys: every position before the rows' longest end, read from the cache, except the positions this
+        # forward computes, which it writes over in place. A query past its row's end (EoTP cut, or a row
+        # shorter than the widest) writes to the slot just past the keys, which no row attends to.
+        Tk = int(self.end[rows].max())
+        span = torch.arange(Tk + 1, device=dev)
+        k_ok = (span < end) & self.real[rows][:, span.clamp(max=L - 1)]                  # [R, Tk + 1]
+        slots = self.slot[rows]
+        if torch.equal(slots, torch.arange(self.kv[0][0].shape[0], device=dev)):   # every row, in slot order:
+            cache = [(k[:, :, :Tk + 1], v[:, :, :Tk + 1]) for k, v in self.kv]        # the cache itself
+        else:   # others are at a block's first step (a full forward): a copy of these rows' slots
+            cache = [(k[slots, :, :Tk + 1], v[slots, :, :Tk + 1]) for k, v in self.kv]
         at = q if region == "generation" or self.mode == "dual" else q[:, :S]              # [R, K] absolute
-        at_idx = (at - block_start[:, None]).clamp(max=q.shape[1] - 1)
-        logits = self.model(self.x[rows[:, None], qc], torch.cat([k_ok, q_ok], 1), logits_at=at_idx,
-                            positions=self._positions(rows, qc), past_kv=past)
+        at_idx = (at - block_start[:, None]).clamp(max=width - 1)
+        logits = self.model(self.x[rows[:, None], qc], k_ok, logits_at=at_idx, positions=self._positions(rows, qc),
+                            kv_cache=cache, write_at=torch.where(q_ok, q, Tk))
         return StepLogits(at, logits, at < end)
 
     def _region(self, rows, block_start, region, T) -> torch.Tensor:
@@ -144,9 +143,10 @@ class BlockForward:
     # ---- the cache ---------------------------------------------------------------------------------------------
 
     def _store(self, rows, kv, T: int):
-        if self.kv is None:   # allocated once, for the rows present at the batch's first step
-            B, L = self.x.shape
-            self.kv = [[torch.empty((B,) + t.shape[1:2] + (L,) + t.shape[3:], dtype=t.dtype, device=t.device)
+        if self.kv is None:   # allocated once, for the rows present at the batch's first step; one spare slot
+            B, L = self.x.shape   # past the last position takes the writes of queries past a row's end
+            # zeros, not empty: attention weighs masked keys' values by 0, and 0 x a stray NaN would be NaN
+            self.kv = [[torch.zeros((B,) + t.shape[1:2] + (L + 1,) + t.shape[3:], dtype=t.dtype, device=t.device)
                         for t in layer] for layer in kv]
             self.slot = torch.arange(B, device=self.x.device)
         for (kc, vc), (k, v) in zip(self.kv, kv):

@@ -10,8 +10,9 @@ Beyond the published code, the forward
 - honours the 2-D attention mask as a key padding mask (the published code builds a bias and drops it), so a
   left-padded row gets the logits of the row alone;
 - takes per-row positions (the runner counts them from each row's first real token);
-- takes keys/values computed by an earlier forward (`past_kv`) and returns its own (`return_kv`): the hook a
-  KV cache plugs into, for the positions this forward does not recompute;
+- returns its keys/values (`return_kv`) and takes them back as a cache (`kv_cache`): this forward writes its own
+  positions' keys/values into the cache in place (`write_at`) and attends over all of it, so a cached step
+  computes only the positions it recomputes and copies nothing else;
 - computes the output layer only at the positions asked for (`logits_at`): over a 126,464-token vocabulary
   it is the largest matmul of a decoding step, and a step reads logits of one block only.
 """
@@ -144,7 +145,7 @@ class LLaDABlock(nn.Module):
         self.ff_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
         self.ff_out = nn.Linear(h, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, past):
+    def forward(self, x, cos, sin, key_mask, cache, write_at):
         B, T, _ = x.shape                                                  # x [B, T, d]
         u = self.attn_norm(x)
         q = self.q_proj(u).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)    # [B, H, T, hd]
@@ -152,8 +153,10 @@ class LLaDABlock(nn.Module):
         v = self.v_proj(u).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         kv = (k, v)                                                        # this forward's keys/values, rotated
-        if past is not None:                                               # keys of positions not recomputed
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)        # [B, Hkv, Tk, hd]
+        if cache is not None:   # own keys into the cache, then attend over all of it: [B, Hkv, Tk, hd]
+            cache[0].scatter_(2, write_at, k)
+            cache[1].scatter_(2, write_at, v)
+            k, v = cache
         if self.kv_heads != self.n_heads:
             k, v = (t.repeat_interleave(self.n_heads // self.kv_heads, dim=1) for t in (k, v))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)   # bidirectional: no causal mask
@@ -185,21 +188,24 @@ class LLaDA(nn.Module):
         self.model.transformer = tree
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, past_kv=None, logits_at: torch.Tensor | None = None,
-                return_kv: bool = False) -> LLaDAOutput:
-        """input_ids [B, T]; attention_mask [B, Tp + T] bool/0-1 over the keys, past ones first (None: all);
-        positions [B, T] (None: 0..T-1); past_kv: per layer (k, v) [B, Hkv, Tp, hd] from an earlier forward;
-        logits_at [B, K] positions within input_ids whose logits to return (None: all T)."""
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                return_kv: bool = False, kv_cache=None, write_at: torch.Tensor | None = None) -> LLaDAOutput:
+        """input_ids [B, T]; attention_mask [B, Tk] bool/0-1 over the keys (None: all); positions [B, T]
+        (None: 0..T-1); logits_at [B, K] positions within input_ids whose logits to return (None: all T).
+        kv_cache: per layer (k, v) [B, Hkv, Tk, hd], keys/values of every key position from earlier forwards;
+        this forward writes its own into them in place at write_at [B, T] (key indices) and attends over all Tk."""
         t = self.model.transformer
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]   # [B, 1, 1, Tk]
+        if kv_cache is not None:
+            write_at = write_at[:, None, :, None].expand(B, self.config.kv_heads, T, self.config.head_dim)
         x = t.wte(input_ids)                                               # [B, T, d]
         kv = []
         for i, block in enumerate(t.blocks):
-            x, layer_kv = block(x, cos, sin, key_mask, past_kv[i] if past_kv is not None else None)
+            x, layer_kv = block(x, cos, sin, key_mask, kv_cache[i] if kv_cache is not None else None, write_at)
             kv.append(layer_kv)
         if logits_at is not None:                                          # only the rows' read positions
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))   # [B, K, d]

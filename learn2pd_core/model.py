@@ -47,18 +47,19 @@ class DiffusionLM:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  logits_at: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
-                 past_kv=None, return_kv: bool = False):
-        """input_ids [B, T], attention_mask [B, Tp + T] (False: padding or cut, never attended; None: all real),
-        logits_at [B, K] positions to return logits for (None: all) -> logits [B, K or T, V].
+                 kv_cache=None, write_at: torch.Tensor | None = None, return_kv: bool = False):
+        """input_ids [B, T], attention_mask [B, Tk] over the keys (False: padding or cut, never attended; None:
+        all real), logits_at [B, K] positions to return logits for (None: all) -> logits [B, K or T, V].
         LLaDA only: positions [B, T] (default: counted from each row's first real token, so a left-padded row is
-        the row alone exactly), past_kv (keys/values of Tp positions not recomputed, from a KV cache) and
-        return_kv (-> (logits, per-layer keys/values) to fill one)."""
+        the row alone exactly), kv_cache (per-layer keys/values of all Tk key positions, which this forward
+        overwrites at write_at [B, T] with its own) and return_kv (-> (logits, per-layer keys/values) to fill one)."""
         if self.native:
-            if positions is None and attention_mask is not None and past_kv is None:
+            if positions is None and attention_mask is not None and kv_cache is None:
                 positions = positions_from_mask(attention_mask)
-            out = self.model(input_ids, attention_mask, positions, past_kv, logits_at, return_kv)
+            out = self.model(input_ids, attention_mask, positions, logits_at=logits_at, return_kv=return_kv,
+                             kv_cache=kv_cache, write_at=write_at)
             return (out.logits, out.kv) if return_kv else out.logits
-        if positions is not None or past_kv is not None or return_kv:
+        if positions is not None or kv_cache is not None or return_kv:
             raise ConfigError(f"{self.name}: a KV cache needs a LLaDA checkpoint (model_type llada), which learn2pd "
                               "runs natively; decode this model without cache")
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -52,8 +52,8 @@ class EosAfterLLaDA(LLaDA):
     bias depends on the row's own positions (counted from its first real token by the runner)."""
     offset, bias = 30, 30.0
 
-    def forward(self, input_ids, attention_mask=None, positions=None, past_kv=None, logits_at=None, return_kv=False):
-        out = super().forward(input_ids, attention_mask, positions, past_kv, None, return_kv)
+    def forward(self, input_ids, attention_mask=None, positions=None, logits_at=None, return_kv=False, **cache):
+        out = super().forward(input_ids, attention_mask, positions, None, return_kv, **cache)
         pos = positions if positions is not None else torch.arange(input_ids.shape[1]).expand(input_ids.shape)
         out.logits[..., EOS] += self.bias * (pos >= self.offset)
         if logits_at is not None:

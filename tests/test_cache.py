@@ -82,7 +82,7 @@ def test_cached_forwards_cover_only_what_the_mode_recomputes(llada_toy):
             return getattr(llada_toy, name)
 
         def __call__(self, input_ids, attention_mask=None, logits_at=None, **cache_args):
-            seen.append((input_ids.shape[1], "past_kv" in cache_args and cache_args["past_kv"] is not None))
+            seen.append((input_ids.shape[1], cache_args.get("kv_cache") is not None))
             return llada_toy(input_ids, attention_mask, logits_at, **cache_args)
 
     prompt = PROMPTS[1]                                  # 11 tokens, then 32 generated in blocks of 8

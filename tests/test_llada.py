@@ -88,8 +88,9 @@ def test_logits_at_chosen_positions_equal_the_full_output():
 
 
 def test_keys_values_of_an_earlier_forward_reproduce_the_full_forward():
-    """The cache hook: a forward over some positions, given the other positions' keys/values from a full forward,
-    gives the full forward's logits there (what a freshly refreshed cache computes)."""
+    """The cache hook: a forward over some positions, given every position's keys/values from a full forward
+    (its own positions' spoiled, to show they are overwritten), gives the full forward's logits there (what a
+    freshly refreshed cache computes) and leaves the fresh keys/values in the cache."""
     m = random_llada()
     ids = torch.randint(3, 47, (2, 24), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 24, dtype=torch.bool)
@@ -97,10 +98,14 @@ def test_keys_values_of_an_earlier_forward_reproduce_the_full_forward():
     pos = positions_from_mask(mask)
     full = m(ids, mask, pos, return_kv=True)
     block = torch.arange(8, 16)                                       # recompute these; the rest comes cached
-    rest = torch.cat([torch.arange(8), torch.arange(16, 24)])
-    past = [(k[:, :, rest], v[:, :, rest]) for k, v in full.kv]
-    part = m(ids[:, block], torch.cat([mask[:, rest], mask[:, block]], 1), pos[:, block], past_kv=past)
+    cache = [(k.clone(), v.clone()) for k, v in full.kv]
+    for k, v in cache:
+        k[:, :, block], v[:, :, block] = 7.0, -7.0
+    part = m(ids[:, block], mask, pos[:, block], kv_cache=cache, write_at=block.expand(2, -1))
     torch.testing.assert_close(part.logits, full.logits[:, block], rtol=0, atol=1e-10)
+    for (k, v), (fk, fv) in zip(cache, full.kv):
+        torch.testing.assert_close(k, fk, rtol=0, atol=1e-12)
+        torch.testing.assert_close(v, fv, rtol=0, atol=1e-12)
 
 
 def test_grouped_query_attention_config_runs_and_matches_repeated_heads():
