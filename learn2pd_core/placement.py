@@ -14,7 +14,8 @@ def connect(verbose: bool = False):
     import ray
 
     from . import console
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    # RAY_ADDRESS unset: the cluster `ray start` runs on this machine, else a new local one; "local": a new one
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=True)
     console.at_close(ray.shutdown)
     if not verbose:
         ctx = ray.data.DataContext.get_current()

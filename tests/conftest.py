@@ -148,10 +148,14 @@ def s3_server():
                 os.environ[k] = v
 
 
-@pytest.fixture
-def ray_head():
-    """A real local Ray cluster started with `ray start --head` on loopback; yields (dashboard address, env)
-    for `ray job submit`, and stops the cluster afterwards."""
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One real local Ray cluster for the session, started with `ray start --head` on loopback. While it runs,
+    RAY_ADDRESS (and the token Ray >= 2.59 authenticates local clusters with) point every job a test starts at
+    it, so a job connects in a second instead of starting a cluster of its own (~10 s each on this machine).
+    Its workers inherit the environment it starts with, so the session's S3 server comes first: a test with
+    S3 settings of its own must start its job on a cluster of its own (RAY_ADDRESS=local).
+    Yields (GCS address, dashboard address for `ray job submit`, env)."""
     import os
     import secrets
     import socket
@@ -163,12 +167,15 @@ def ray_head():
             return s.getsockname()[1]
 
     port, dash = free_port(), free_port()
-    # Ray >= 2.59 authenticates local clusters by token: the head and the submitting client share one.
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                     "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-                   check=True, capture_output=True, timeout=180, env=env)
-    address = f"http://127.0.0.1:{dash}"
+                   check=True, capture_output=True, timeout=180, env={**os.environ, **ray_env, "RAY_ADDRESS": ""})
+    gcs, address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    ray_env["RAY_ADDRESS"] = gcs
+    saved = {k: os.environ.get(k) for k in ray_env}
+    os.environ.update(ray_env)
+    env = dict(os.environ)
     try:
         # The job agent comes up after `ray start` returns; on a loaded 2-core machine the first submissions
         # can get "No available agent to submit job". Wait for it with a no-op job (up to ~2 minutes).
@@ -178,6 +185,18 @@ def ray_head():
             if probe.returncode == 0 or "No available agent" not in probe.stdout + probe.stderr:
                 break
             time.sleep(5)
-        yield address, env
+        yield gcs, address, env
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def ray_head(ray_cluster):
+    """(dashboard address, env) of the session's Ray cluster, for `ray job submit`."""
+    _, address, env = ray_cluster
+    return address, env

@@ -9,6 +9,9 @@ import pytest
 
 from learn2pd_core import storage
 
+# the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")   # another checkpoint directory may stand in
 FAST = ["--model", MODEL, "--gen-length", "64", "--block-size", "32", "--batch-size", "4"]
@@ -132,6 +135,7 @@ import os, sys
 sys.path.insert(0, {str(ROOT / "jobs")!r})
 import collect
 
+
 class CrashOnce(collect.CollectActor):
     def __call__(self, batch):
         if not os.path.exists({str(marker)!r}):
@@ -143,7 +147,8 @@ collect.CollectActor = CrashOnce
 sys.exit(collect.main(sys.argv[1:]))
 """)
     out = str(tmp_path / "out")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "jobs")}   # workers import the base class from jobs/collect.py
+    # Workers import the base class from jobs/collect.py: a cluster of its own, whose workers get this PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "jobs"), "RAY_ADDRESS": "local"}
     proc = subprocess.run([sys.executable, str(script), *FAST, "--limit", "8", "--output", out], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,6 +16,9 @@ from learn2pd_core.evaluation import (RESULTS, aup, expand_methods, markdown, pa
                                       target_checks)
 from learn2pd_core.tiny.tasks import instruction_examples
 
+# the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")
 METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp,threshold+dual,learn2pd+eotp+dual"

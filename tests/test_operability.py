@@ -24,6 +24,9 @@ import evaluate  # noqa: E402
 import train_filter  # noqa: E402
 from learn2pd_core.errors import run_cli  # noqa: E402
 
+# the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 
 PROGRESS = re.compile(r"^\w+: +\d+%\|")   # the stage's progress bar, also on stderr
 
@@ -178,7 +181,8 @@ def test_losing_the_s3_endpoint_mid_job_is_one_line_naming_the_part(tmp_path):
         job_proc = subprocess.Popen(
             [sys.executable, str(ROOT / "jobs" / "collect.py"), "--limit", "24", "--gen-length", "32",
              "--batch-size", "2", "--num-actors", "1", "--output", "s3://lost/run"], cwd=tmp_path,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env, "RAY_ADDRESS": "local"})   # a cluster of its own: its workers get this server
         deadline = time.time() + 300
         while time.time() < deadline and job_proc.poll() is None:   # the first batch is written: pull the plug
             if s3.list_objects_v2(Bucket="lost", Prefix="run/references/").get("KeyCount", 0):

@@ -13,6 +13,9 @@ from learn2pd_core import DecodeConfig, generate, load_filter, load_model, stora
 from learn2pd_core.tiny.tasks import instruction_examples
 from learn2pd_core.traces import collect_batch
 
+# the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")
 FIT = ["--epochs", "300", "--lr", "3e-3", "--eval-every", "10", "--report-every", "100", "--val-fraction", "0.25"]
