@@ -102,11 +102,14 @@ def sample_mask(ids, resp_mask, eos_id, eps, semi_ar_share=0.0, block=32, gen=No
 
 
 def diffusion_loss(model, ids, attn, resp_mask, mask_id, eps, gen=None, eos_id=None, semi_ar_share=0.0):
+    # masks are drawn on the CPU whatever the model's device, so a GPU run sees the CPU run's batches and masks
     masked, t = sample_mask(ids, resp_mask, eos_id, eps, semi_ar_share, gen=gen)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    logits = model(noisy, attn, positions_from_mask(attn)).logits
+    dev = next(model.parameters()).device
+    ids, attn, resp_mask, masked, t = (x.to(dev) for x in (ids, attn, resp_mask, masked, t))
+    logits = model(noisy.to(dev), attn, positions_from_mask(attn)).logits
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
-    w = torch.zeros(ids.shape)
+    w = torch.zeros(ids.shape, device=dev)
     w[masked] = ce / t[masked]
     return (w.sum(1) / resp_mask.sum(1)).mean()
 
@@ -142,11 +145,11 @@ def fixed_eval_loss(model, tok, hp, seed=1, n=4):
     return loss
 
 
-def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, **overrides):
+def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, device="cpu", **overrides):
     hp = {**(TINY if tiny else DEFAULTS), **{k: v for k, v in overrides.items() if v is not None}}
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    model = make_model(tok, gen=torch.Generator().manual_seed(seed), **hp)
+    model = make_model(tok, gen=torch.Generator().manual_seed(seed), **hp).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / hp["warmup"]) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1, s / hp["steps"])))))
@@ -175,7 +178,7 @@ def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, **overrid
     info = dict(seed=seed, tiny=tiny, hp={k: v for k, v in hp.items()}, wall_s=round(wall, 1),
                 final_loss_ema=round(ema, 4), fixed_eval_loss_before=round(eval_before, 4),
                 fixed_eval_loss_after=round(eval_after, 4),
-                params=sum(p.numel() for p in model.parameters()), torch=torch.__version__)
+                params=sum(p.numel() for p in model.parameters()), torch=torch.__version__, device=str(device))
     print(json.dumps(info), flush=True)
     if out:
         os.makedirs(out, exist_ok=True)
@@ -214,12 +217,15 @@ def main():
                     help="sampling weight of a task within its family, e.g. letter_word=1.5 (repeatable;\n"
                          "replaces the default weights, letter_word=2)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda, to explore recipes on a GPU (the shipped recipe's\n"
+                                                     "budget is 30 minutes on 2 CPU cores)")
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--tiny-config", action="store_true", help="seconds-long run (tests)")
     a = ap.parse_args()
     weights = dict(a.task_weight)
     torch.set_num_threads(a.threads)
     train(a.out, seed=a.seed, tiny=a.tiny_config, log_every=5 if a.tiny_config else 50, save_every=a.save_every,
+          device=a.device,
           steps=a.steps, lr=a.lr, hidden=a.hidden, layers=a.layers,
           tokens_per_batch=a.tokens_per_batch, semi_ar_share=a.semi_ar_share, task_weights=weights or None)
 
