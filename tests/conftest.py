@@ -1,3 +1,5 @@
+import os
+import secrets
 import time
 
 import pytest
@@ -6,6 +8,12 @@ from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 from learn2pd_core import DiffusionLM
 from learn2pd_core.llada import LLaDA, LLaDAConfig
+
+# Ray >= 2.59 authenticates clusters by token, and reads the mode once per process. Every cluster the tests start
+# (the session's, the two-node one, a job's own) and this process's own Ray client must agree: set it for the
+# whole session before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 VOCAB, PAD, EOS, MASK = 48, 0, 2, 47
 
@@ -151,13 +159,10 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One real local Ray cluster for the session, started with `ray start --head` on loopback. While it runs,
-    RAY_ADDRESS (and the token Ray >= 2.59 authenticates local clusters with) point every job a test starts at
-    it, so a job connects in a second instead of starting a cluster of its own (~10 s each on this machine).
+    RAY_ADDRESS points every job a test starts at it, so a job connects in a second instead of starting a cluster of its own (~10 s each on this machine).
     Its workers inherit the environment it starts with, so the session's S3 server comes first: a test with
     S3 settings of its own must start its job on a cluster of its own (RAY_ADDRESS=local).
     Yields (GCS address, dashboard address for `ray job submit`, env)."""
-    import os
-    import secrets
     import socket
     import subprocess
 
@@ -167,14 +172,12 @@ def ray_cluster(s3_server):
             return s.getsockname()[1]
 
     port, dash = free_port(), free_port()
-    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                     "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-                   check=True, capture_output=True, timeout=180, env={**os.environ, **ray_env, "RAY_ADDRESS": ""})
+                   check=True, capture_output=True, timeout=180, env={**os.environ, "RAY_ADDRESS": ""})
     gcs, address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-    ray_env["RAY_ADDRESS"] = gcs
-    saved = {k: os.environ.get(k) for k in ray_env}
-    os.environ.update(ray_env)
+    saved = {"RAY_ADDRESS": os.environ.get("RAY_ADDRESS")}
+    os.environ["RAY_ADDRESS"] = gcs
     env = dict(os.environ)
     try:
         # The job agent comes up after `ray start` returns; on a loaded 2-core machine the first submissions
