@@ -138,31 +138,26 @@ def start_s3_server(bucket: str):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-API server process (moto) on loopback, with one bucket; yields the s3:// root URI."""
-    import os
-
+    """A real S3-API server process (moto) on loopback, with one bucket, its settings in the environment for the
+    session; yields the s3:// root URI."""
     proc, env, _ = start_s3_server("learn2pd-test")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield "s3://learn2pd-test"
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            yield "s3://learn2pd-test"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One real local Ray cluster for the session, started with `ray start --head` on loopback. While it runs,
-    RAY_ADDRESS points every job a test starts at it, so a job connects in a second instead of starting a cluster of its own (~10 s each on this machine).
-    Its workers inherit the environment it starts with, so the session's S3 server comes first: a test with
-    S3 settings of its own must start its job on a cluster of its own (RAY_ADDRESS=local).
-    Yields (GCS address, dashboard address for `ray job submit`, env)."""
+    RAY_ADDRESS points every job a test starts at it, so a job connects in a second instead of starting a
+    cluster of its own (~10 s each on this machine). Its workers inherit the environment it starts with, so the
+    session's S3 server comes first: a test with S3 settings of its own must start its job on a cluster of its
+    own (RAY_ADDRESS=local). Yields (dashboard address for `ray job submit`, env)."""
     import socket
     import subprocess
 
@@ -175,31 +170,19 @@ def ray_cluster(s3_server):
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                     "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, capture_output=True, timeout=180, env={**os.environ, "RAY_ADDRESS": ""})
-    gcs, address = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-    saved = {"RAY_ADDRESS": os.environ.get("RAY_ADDRESS")}
-    os.environ["RAY_ADDRESS"] = gcs
-    env = dict(os.environ)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        # The job agent comes up after `ray start` returns; on a loaded 2-core machine the first submissions
-        # can get "No available agent to submit job". Wait for it with a no-op job (up to ~2 minutes).
-        for _ in range(24):
-            probe = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "pass"],
-                                   capture_output=True, text=True, timeout=120, env=env)
-            if probe.returncode == 0 or "No available agent" not in probe.stdout + probe.stderr:
-                break
-            time.sleep(5)
-        yield gcs, address, env
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+            env = dict(os.environ)
+            # The job agent comes up after `ray start` returns; on a loaded 2-core machine the first submissions
+            # can get "No available agent to submit job". Wait for it with a no-op job (up to ~2 minutes).
+            for _ in range(24):
+                probe = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "pass"],
+                                       capture_output=True, text=True, timeout=120, env=env)
+                if probe.returncode == 0 or "No available agent" not in probe.stdout + probe.stderr:
+                    break
+                time.sleep(5)
+            yield address, env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
-
-
-@pytest.fixture
-def ray_head(ray_cluster):
-    """(dashboard address, env) of the session's Ray cluster, for `ray job submit`."""
-    _, address, env = ray_cluster
-    return address, env

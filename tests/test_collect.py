@@ -114,8 +114,8 @@ def test_unusable_sources_fail_at_once_with_one_line(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_ray_job_submit(tmp_path, ray_head):
-    address, env = ray_head
+def test_ray_job_submit(tmp_path, ray_cluster):
+    address, env = ray_cluster
     out = str(tmp_path / "out")
     proc = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
                            "--", "python", "jobs/collect.py", *FAST, "--limit", "2", "--output", out, "--verbose"],

@@ -19,8 +19,8 @@ def submit(address, env, run_dir):
     return proc.stdout
 
 
-def test_pipeline_runs_every_stage_then_skips_them(ray_head, tmp_path):
-    address, env = ray_head
+def test_pipeline_runs_every_stage_then_skips_them(ray_cluster, tmp_path):
+    address, env = ray_cluster
     run = str(tmp_path / "run")
     first = submit(address, env, run)
     for stage in ("collect", "train_filter", "evaluate"):
