@@ -263,6 +263,21 @@ def test_tiny_answers_score_correct_and_corrupted_fail():
         assert not score("tiny", ex, "")
 
 
+def test_tiny_long_is_tiny_after_few_shot_prefixes_and_scores_the_question_not_the_shots():
+    from learn2pd_core.tiny.tasks import FEWSHOT_MIN_CHARS
+    short, long = load_benchmark("tiny", limit=40).examples, load_benchmark("tiny-long", limit=40).examples
+    assert [e["example_id"].split("/")[1] + "-fewshot" for e in short] == [e["example_id"].split("/")[1] for e in long]
+    shot_answers_scored = 0
+    for s, ex in zip(short, long):
+        question, shots = s["prompt"], ex["prompt"].removesuffix(s["prompt"])
+        assert ex["prompt"].endswith("\n\n" + question) and len(shots) >= FEWSHOT_MIN_CHARS
+        first_shot_answer = shots.split("\n\n")[0].split("\n", 1)[1]   # valid for the first shot's question
+        for completion in (json.loads(s["target"])["answer"], first_shot_answer, ""):
+            assert score("tiny-long", ex, completion) == score("tiny", s, completion), (ex, completion)
+        shot_answers_scored += not score("tiny", s, first_shot_answer)
+    assert shot_answers_scored > 30   # the shots' answers mostly answer another question: the check can fail
+
+
 def test_tiny_limit_covers_tasks_evenly_with_stable_ids():
     from learn2pd_core.tiny.tasks import BENCHMARK_TASKS
     full = load_benchmark("tiny").examples

@@ -6,10 +6,11 @@
 
 `source`: None reads the Hugging Face hub (`datasets.load_dataset`); otherwise a local file, the benchmark's
 folder (e.g. ../shared/data/gsm8k) or a data root holding one folder per benchmark (../shared/data, what the
-job's --data-dir passes). `tiny` is generated in code and ignores `source` and `shots`.
+job's --data-dir passes). `tiny` and `tiny-long` (its questions after few-shot prefixes) are generated in code and ignore `source` and
+`shots`.
 
 Metrics (`score_details` / `scores`; "correct" is the primary one that `score` returns):
-gsm8k {"correct" = flexible, "strict", "flexible"}; math, humaneval, mbpp, tiny {"correct"}.
+gsm8k {"correct" = flexible, "strict", "flexible"}; math, humaneval, mbpp, tiny, tiny-long {"correct"}.
 Rows travel through Ray Data and Parquet, so `target` is a JSON string holding what the scorer needs.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from ..errors import Learn2PDError
 
-BENCHMARKS = ("tiny", "gsm8k", "math", "humaneval", "mbpp")
-_MODULES = {"tiny": "tiny", "gsm8k": "gsm8k", "math": "minerva_math", "humaneval": "humaneval", "mbpp": "mbpp"}
+BENCHMARKS = ("tiny", "tiny-long", "gsm8k", "math", "humaneval", "mbpp")
+_MODULES = {"tiny": "tiny", "tiny-long": "tiny_long", "gsm8k": "gsm8k", "math": "minerva_math", "humaneval": "humaneval", "mbpp": "mbpp"}
 # End-of-turn markers of common chat templates: a completion never legitimately continues past them.
 CHAT_STOPS = ("</s>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
 

@@ -17,11 +17,11 @@ METRICS = ("correct",)
 DEFAULT_PER_TASK = 8
 
 
-def load(source: str | None, shots: int | None, limit: int | None) -> list[dict]:
+def load(source: str | None, shots: int | None, limit: int | None, fewshot: bool = False) -> list[dict]:
     from ..tiny.tasks import BENCHMARK_TASKS, benchmark_examples
     per_task = math.ceil(limit / len(BENCHMARK_TASKS)) if limit else DEFAULT_PER_TASK
     by_task = {t: [] for t in BENCHMARK_TASKS}
-    for e in benchmark_examples(per_task, seed=0):
+    for e in benchmark_examples(per_task, seed=0, fewshot=fewshot):
         by_task[e["task"]].append(e)
     # round robin: task 1's first, task 2's first, ..., task 1's second, ...
     ordered = [e for k in range(per_task) for t in BENCHMARK_TASKS for e in by_task[t][k:k + 1]]

@@ -265,7 +265,9 @@ SCORERS = {"word_problem": _final_hash, "string_program": _final_hash, "simplify
 
 
 def score(example: dict, completion: str) -> bool:
-    return SCORERS.get(example["task"], _exact)(example, completion)
+    # the question is the prompt's last paragraph: a few-shot prompt's solved examples come before it
+    question = {**example, "prompt": example["prompt"].rsplit("\n\n", 1)[-1]}
+    return SCORERS.get(example["task"], _exact)(question, completion)
 
 
 # ---------------------------------------------------------------- sampling
@@ -288,27 +290,51 @@ def _examples(tasks, family, per_task, seed):
     return out
 
 
+FEWSHOT_MIN_CHARS = 300  # GSM8K's 8-shot prompts are ~900 tokens; >= 300 is where a prefix cache starts to pay here
+
+
+def fewshot_prefix(task: str, rng: random.Random, min_chars: int = FEWSHOT_MIN_CHARS) -> str:
+    """Solved examples of `task` ('prompt\nanswer', blank line between), never from the held-out pool, until
+    the prefix is at least min_chars long: the long-prompt (few-shot) form, GSM8K's layout at tiny scale."""
+    shots, n = [], 0
+    while n < min_chars:
+        prompt, answer = BENCHMARK[task](rng)
+        if not held_out(prompt):
+            shots.append(f"{prompt}\n{answer}\n\n")
+            n += len(shots[-1])
+    return "".join(shots)
+
+
 def instruction_examples(per_task: int, seed: int = 0) -> list[dict]:
     return _examples(INSTRUCTION, "instruction", per_task, seed)
 
 
-def benchmark_examples(per_task: int, seed: int = 0) -> list[dict]:
-    return _examples(BENCHMARK, "benchmark", per_task, seed)
+def benchmark_examples(per_task: int, seed: int = 0, fewshot: bool = False) -> list[dict]:
+    """Held-out benchmark prompts; fewshot=True puts a seeded few-shot prefix (fewshot_prefix) before each
+    question: the same questions, answers and scorers, prompts of >= 300 tokens (the long-prompt family)."""
+    exs = _examples(BENCHMARK, "benchmark", per_task, seed)
+    if fewshot:
+        for e in exs:
+            e["prompt"] = fewshot_prefix(e["task"], random.Random(f"shots-{e['id']}")) + e["prompt"]
+            e["id"], e["family"] = e["id"] + "-fewshot", "benchmark-fewshot"
+    return exs
 
 
-def training_stream(seed: int = 1000, benchmark_share: float = 0.7, task_weights: dict | None = None):
+def training_stream(seed: int = 1000, benchmark_share: float = 0.7, task_weights: dict | None = None,
+                    fewshot: bool = False):
     """Endless (prompt, answer) SFT pairs from both families, never from the held-out pool.
 
-    task_weights: relative sampling weight per task name within its family (default 1)."""
+    task_weights: relative sampling weight per task name within its family (default 1).
+    fewshot: benchmark-family pairs only, each with a few-shot prefix (the long-prompt form)."""
     rng, w = random.Random(seed), task_weights or {}
     while True:
-        tasks = BENCHMARK if rng.random() < benchmark_share else INSTRUCTION
+        tasks = BENCHMARK if fewshot or rng.random() < benchmark_share else INSTRUCTION
         names = list(tasks)
         # unweighted: rng.choice, which keeps the stream (and the shipped checkpoint's run) as it was
         name = rng.choices(names, [w.get(n, 1.0) for n in names])[0] if w else rng.choice(names)
         prompt, answer = tasks[name](rng)
         if not held_out(prompt):
-            yield prompt, answer
+            yield (fewshot_prefix(name, rng) + prompt if fewshot else prompt), answer
 
 
 def training_examples(n: int, seed: int = 1000, benchmark_share: float = 0.7,
