@@ -1,6 +1,11 @@
 """Decoding-engine benchmark: every policy side by side on the same prompts, at batch 1 and batch 16.
 
-    python benchmarks/engine.py [--model tiny] [--dtype float32] [--prompts 16] [--gen-length 256] [--repeats 3] [--filter DIR]
+    python benchmarks/engine.py [--model tiny] [--dtype float32] [--prompts 16] [--gen-lengths 256] [--repeats 3] [--filter DIR]
+    python benchmarks/engine.py --families short,long --gen-lengths 256,1024 --methods vanilla,vanilla+dual   # the cache
+
+--families: `short` is the tiny benchmark family's questions alone, `long` the same questions after few-shot
+prefixes of >= 300 tokens (the `tiny-long` benchmark), where most of a forward's keys are the prompt's.
+"vs no cache" is a cached method's tokens/s over the same method without the cache, same prompts and batch.
 
 Without --filter, a filter is fitted first on EGP traces of instruction-family prompts (not the
 benchmark prompts). Prints one markdown table; times are medians of --repeats runs. Then the vanilla
@@ -29,7 +34,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="model weights' dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--prompts", type=int, default=16, help="benchmark-family prompts to decode")
-    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--gen-lengths", "--gen-length", dest="gen_lengths", default="256", help="comma-separated")
+    ap.add_argument("--families", default="short", help="comma-separated: short, long (few-shot prompts)")
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (policy[+eotp][+prefix|+dual][@τ])")
@@ -38,40 +44,62 @@ def main(argv=None):
     ap.add_argument("--filter-prompts-per-task", type=int, default=3)
     args = ap.parse_args(argv)
 
+    families, gens = args.families.split(","), [int(g) for g in args.gen_lengths.split(",")]
+    if set(families) - {"short", "long"}:
+        raise Learn2PDError(f"--families {args.families!r}: choose from short, long")
     model = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    settings = dict(gen_length=args.gen_length, block_size=args.block_size)
     if args.filter:
         filt = load_filter(args.filter)
     else:
         start = time.perf_counter()
         train = [e["prompt"] for e in instruction_examples(args.filter_prompts_per_task, seed=123)]
-        filt, rows = fit_filter_on(model, train, **settings)
+        filt, rows = fit_filter_on(model, train, gen_length=min(gens), block_size=args.block_size)
         print(f"fitted a filter on {rows} EGP trace rows from {len(train)} instruction prompts "
               f"in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    examples = _spread(benchmark_examples(per_task=args.prompts, seed=0), args.prompts)
-    prompts = [e["prompt"] for e in examples]
     rows = []
-    for bs in sorted({min(int(b), len(prompts)) for b in args.batch_sizes.split(",")}):   # a batch is never padded
-        rows += compare_methods(model, prompts, args.methods.split(","), batch_size=bs, repeats=args.repeats,
-                                score=lambda i, text: score(examples[i], text), filter=filt, **settings)
+    for fam in families:
+        examples = _spread(benchmark_examples(per_task=args.prompts, seed=0, fewshot=fam == "long"), args.prompts)
+        prompts = [e["prompt"] for e in examples]
+        for gen in gens:
+            for bs in sorted({min(int(b), len(prompts)) for b in args.batch_sizes.split(",")}):   # never padded
+                got = compare_methods(model, prompts, args.methods.split(","), batch_size=bs, repeats=args.repeats,
+                                      score=lambda i, text: score(examples[i], text), filter=filt,
+                                      gen_length=gen, block_size=args.block_size)
+                rows += [{"family": fam, "gen": gen, **r} for r in with_cache_ratio(got)]
     print(f"\n{args.model} ({str(next(model.model.parameters()).dtype).removeprefix('torch.')}) on "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {len(prompts)} prompts, gen {args.gen_length}, block {args.block_size}, "
+          f"{torch.get_num_threads()} threads, {args.prompts} prompts per family, block {args.block_size}, "
           f"median of {args.repeats}\n")
     print(markdown_table(rows))
-    by = {(r["method"], r["batch"]): r for r in rows}
-    sizes = sorted({r["batch"] for r in rows})
-    if len(sizes) > 1 and ("vanilla", sizes[0]) in by:
-        ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
-        print(f"\nvanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
-        # Why the ratio is what it is: the forward's FLOP rate at each size against this machine's matmul peak.
-        seq_len = round(statistics.median(len(model.encode_prompt(p)) for p in prompts)) + args.gen_length
-        small = by[("vanilla", sizes[0])]
-        roof = forward_roofline(model, seq_len, (sizes[0], sizes[-1]), forward_share=1 - small["policy"] - small["other"])
-        print("\n".join(roofline_lines(roof)))
-    for bs in sizes:   # the policies' own bookkeeping (confidence, filter, selection) against the whole step
+    for fam in families:
+        for gen in gens:
+            part = [r for r in rows if r["family"] == fam and r["gen"] == gen]
+            by = {(r["method"], r["batch"]): r for r in part}
+            sizes = sorted({r["batch"] for r in part})
+            if len(sizes) > 1 and ("vanilla", sizes[0]) in by:
+                ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
+                print(f"\n{fam} prompts, gen {gen}: vanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
+                # Why the ratio is what it is: the forward's FLOP rate at each size against this machine's peak.
+                examples = benchmark_examples(per_task=1, seed=0, fewshot=fam == "long")
+                seq_len = round(statistics.median(len(model.encode_prompt(e["prompt"])) for e in examples)) + gen
+                small = by[("vanilla", sizes[0])]
+                roof = forward_roofline(model, seq_len, (sizes[0], sizes[-1]),
+                                        forward_share=1 - small["policy"] - small["other"])
+                print("\n".join(roofline_lines(roof)))
+    for bs in sorted({r["batch"] for r in rows}):   # the policies' own bookkeeping against the whole step
         worst = max((r for r in rows if r["batch"] == bs), key=lambda r: r["policy"])
-        print(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time ({worst['method']})")
+        print(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time "
+              f"({worst['method']}, {worst['family']}, gen {worst['gen']})")
+
+
+def with_cache_ratio(rows):
+    """Each cached method's tokens/s over the same method without the cache (same prompts, batch, gen length)."""
+    plain = {r["method"]: r["tok_s"] for r in rows}
+    for r in rows:
+        base = r["method"].replace("+prefix", "").replace("+dual", "")
+        if base != r["method"] and base in plain:
+            r["vs_no_cache"] = r["tok_s"] / plain[base]
+    return rows
 
 
 def _spread(examples, n):

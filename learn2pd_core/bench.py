@@ -25,10 +25,12 @@ def _sync(device: torch.device):
 
 
 class TimedModel:
-    """Delegates to a DiffusionLM and adds up the seconds spent in its forward passes."""
+    """Delegates to a DiffusionLM and adds up the seconds spent in its forward passes, and (native LLaDA) their
+    FLOPs by the config's arithmetic: what a cache saves shows in FLOPs per forward as well as in seconds."""
 
     def __init__(self, model):
-        self.model, self.seconds = model, 0.0
+        self.model, self.seconds, self.flops = model, 0.0, 0
+        self._config = model.model.config if model.native else None
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -39,6 +41,9 @@ class TimedModel:
         logits = out[0] if isinstance(out, tuple) else out
         _sync(logits.device)
         self.seconds += time.perf_counter() - start
+        if self._config is not None:
+            (B, T), keys = input_ids.shape, (attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1])
+            self.flops += self._config.forward_flops(B, T, keys, logits.shape[1])
         return out
 
 
@@ -90,7 +95,7 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str], *, batch_s
     for method in methods:
         extra = {"references": [r.token_ids for r in vanilla]} if method.startswith("egp") else {}
         cfg = DecodeConfig.from_method(method, **settings, **extra)
-        walls, policy_shares, other_shares = [], [], []
+        walls, policy_shares, other_shares, flops = [], [], [], 0
         for _ in range(repeats):
             timed = TimedModel(model)
             with TimedFunctions(POLICY_FUNCTIONS) as policy:
@@ -100,6 +105,7 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str], *, batch_s
             walls.append(wall)
             policy_shares.append(policy.seconds / wall)
             other_shares.append(1 - (timed.seconds + policy.seconds) / wall)
+            flops = timed.flops
         if method == "vanilla":
             vanilla = results
         nfe = sum(r.nfe for r in results)
@@ -108,6 +114,8 @@ def compare_methods(model, prompts: Sequence, methods: Sequence[str], *, batch_s
         row = {"method": method, "batch": batch_size, "nfe": nfe / len(results), "tpf": tokens / nfe,
                "tok_s": tokens / wall, "seconds": wall, "policy": statistics.median(policy_shares),
                "other": statistics.median(other_shares)}
+        if flops:
+            row["gflop_forward"] = flops / nfe / 1e9
         if score:
             row["accuracy"] = 100 * sum(score(i, r.text) for i, r in enumerate(results)) / len(results)
         rows.append(row)
@@ -138,6 +146,18 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(512, 1024, 2048
     return best
 
 
+def counted_flops(fn) -> int:
+    """FLOPs of fn() by torch's own operator count (FlopCounterMode: matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    # torch's table lacks the CPU flash-attention kernel that SDPA dispatches to on CPUs; it does the same work
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                     lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def forward_roofline(model, seq_len: int, batch_sizes: Sequence[int] = (1, 16), repeats: int = 9,
                      forward_share: float = 1.0) -> dict:
     """What one full-sequence forward costs at each batch size, against the machine's matmul peak.
@@ -148,20 +168,13 @@ def forward_roofline(model, seq_len: int, batch_sizes: Sequence[int] = (1, 16), 
     at most peak / achieved(b) / forward_share: when the small batch already runs near the peak (compute-bound,
     as small models on CPUs do), batching cannot buy much; on GPUs, where batch 1 is memory-bound far below the
     peak, it pays. FLOPs are torch's own count (FlopCounterMode: matmuls and attention)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    # torch's table lacks the CPU flash-attention kernel that SDPA dispatches to on CPUs; it does the same work
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                     lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
     param = next(model.model.parameters())
     device, dtype = param.device, param.dtype
     rows = []
     for b in batch_sizes:
         ids = torch.full((b, seq_len), model.mask_token_id, device=device)
         attn = torch.ones_like(ids)
-        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-            model(ids, attn)
-        flops = counter.get_total_flops()
+        flops = counted_flops(lambda: model(ids, attn))
         seconds = _median_seconds(lambda: model(ids, attn), device, repeats)
         rows.append({"batch": b, "seconds": seconds, "flops": flops, "flop_s": flops / seconds})
     peak = matmul_peak(device, dtype)
@@ -176,8 +189,9 @@ def roofline_lines(roof: dict) -> list[str]:
             f"at most {roof['batching_bound']:.1f}x over batch {roof['rows'][0]['batch']} on this machine"]
 
 
-COLUMNS = [("method", "method", "{}"), ("batch", "batch", "{}"), ("nfe", "NFE/prompt", "{:.1f}"),
-           ("tpf", "tokens/forward", "{:.2f}"), ("tok_s", "tokens/s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
+COLUMNS = [("family", "prompts", "{}"), ("gen", "gen", "{}"), ("method", "method", "{}"), ("batch", "batch", "{}"), ("nfe", "NFE/prompt", "{:.1f}"),
+           ("tpf", "tokens/forward", "{:.2f}"), ("gflop_forward", "GFLOP/forward", "{:.3f}"), ("tok_s", "tokens/s", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
+           ("vs_no_cache", "vs no cache", "{:.2f}x"),
            ("policy", "policy share", "{:.1%}"),
            ("other", "other engine share", "{:.1%}"), ("accuracy", "accuracy %", "{:.1f}")]
 

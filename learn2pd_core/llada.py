@@ -71,6 +71,14 @@ class LLaDAConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    def forward_flops(self, batch: int, queries: int, keys: int, logits: int) -> int:
+        """Multiply-add FLOPs (x2) of one forward: `queries` positions per row through every layer, attending over
+        `keys` positions, and the output layer at `logits` positions per row. Element-wise work is left out."""
+        d, kv_dim, h = self.d_model, self.kv_heads * self.head_dim, self.mlp_hidden_size
+        per_token = 2 * (2 * d * d + 2 * d * kv_dim + 3 * d * h)            # q, out; k, v; gate, up, down
+        attention = 2 * 2 * keys * d                                         # scores and weighted values
+        return batch * (self.n_layers * queries * (per_token + attention) + logits * 2 * d * self.vocab_size)
+
     @classmethod
     def from_hub(cls, raw: dict) -> "LLaDAConfig":
         """From a LLaDA config.json dict; ValueError naming the field for variants this model does not implement."""

@@ -108,6 +108,22 @@ def test_keys_values_of_an_earlier_forward_reproduce_the_full_forward():
         torch.testing.assert_close(v, fv, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_forward_flops_equal_torchs_count(kv_heads):
+    """The config's FLOP arithmetic (what benchmarks report per forward) against torch's own operator count, for a
+    cached forward (8 queries over 24 keys) returning logits at 3 positions."""
+    from learn2pd_core.bench import counted_flops
+    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=kv_heads, n_layers=2, mlp_hidden_size=64, vocab_size=48)
+    m = LLaDA(cfg).init_weights(torch.Generator().manual_seed(0)).double()
+    ids = torch.randint(0, 48, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask, block = torch.ones(2, 24, dtype=torch.bool), torch.arange(8, 16).expand(2, -1)
+    pos = positions_from_mask(mask)
+    cache = [(k.clone(), v.clone()) for k, v in m(ids, mask, pos, return_kv=True).kv]
+    counted = counted_flops(lambda: m(ids[:, 8:16], mask, pos[:, 8:16], logits_at=torch.tensor([[0, 1, 2]] * 2),
+                                      kv_cache=cache, write_at=block))
+    assert cfg.forward_flops(batch=2, queries=8, keys=24, logits=3) == counted
+
+
 def test_grouped_query_attention_config_runs_and_matches_repeated_heads():
     base = dict(d_model=32, n_heads=4, n_layers=1, mlp_hidden_size=64, vocab_size=48)
     gqa = LLaDA(LLaDAConfig(**base, n_kv_heads=2)).init_weights(torch.Generator().manual_seed(0)).double()
