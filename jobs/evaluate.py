@@ -8,7 +8,8 @@ examples that cannot be decoded go to --output/errors. A rerun skips examples al
 interrupted run resumes. At the end the rows are aggregated into report.json, report.md and two figures
 (the accuracy / tokens-per-forward trade-off with the τ sweeps, and forward passes per block).
 
-    python jobs/evaluate.py                     # tiny model, its benchmark family, runs/filter, gen 256 and 1024
+    python jobs/evaluate.py                     # tiny model, its benchmark family (short and few-shot prompts),
+                                                # runs/filter, gen 256 and 1024
     ray job submit --working-dir . -- python jobs/evaluate.py --model GSAI-ML/LLaDA-8B-Instruct \\
         --filter s3://b/filter1 --benchmarks gsm8k,math,humaneval,mbpp --gen-length 256 --output s3://b/eval1
 """
@@ -24,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from learn2pd_core.errors import run_cli  # noqa: E402
 from learn2pd_core import DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
-from learn2pd_core.evaluation import (aup_table, evaluate_examples, expand_methods, markdown, summarize,  # noqa: E402
-                                      target_checks)
+from learn2pd_core.evaluation import (aup_table, cache_effects, evaluate_examples, expand_methods,  # noqa: E402
+                                      markdown, summarize, target_checks)
 from learn2pd_core.placement import (check_same_node, check_shared_output, connect,  # noqa: E402
                                      largest_node_cpus, plan_actors)
 
@@ -44,8 +45,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a checkpoint directory or a hub id (default: tiny)")
     ap.add_argument("--filter", default="runs/filter",
                     help="output of jobs/train_filter.py (local or s3://), needed by learn2pd methods (default runs/filter)")
-    ap.add_argument("--benchmarks", default="tiny",
-                    help="comma list of tiny, gsm8k, math, humaneval, mbpp (default: tiny, the tiny model's benchmark family)")
+    ap.add_argument("--benchmarks", default="tiny,tiny-long",
+                    help="comma list of tiny, tiny-long, gsm8k, math, humaneval, mbpp (default: tiny,tiny-long, the tiny "
+                         "model's benchmark family with short and with few-shot prompts)")
     ap.add_argument("--data-dir", help="local benchmark data (e.g. ../shared/data) instead of the Hugging Face hub")
     ap.add_argument("--shots", type=int, help="few-shot examples (default per benchmark: gsm8k 5, math 4, humaneval 0, mbpp 3)")
     ap.add_argument("--methods", default=METHODS,
@@ -114,7 +116,7 @@ def example_rows(args) -> list[dict]:
     for name in [b for b in args.benchmarks.split(",") if b]:
         for gen in args.gen_lengths:
             limit = args.long_limit if gen > 256 and args.long_limit is not None else args.limit
-            bench = load_benchmark(name, source=args.data_dir if name != "tiny" else None, shots=args.shots, limit=limit)
+            bench = load_benchmark(name, source=None if name.startswith("tiny") else args.data_dir, shots=args.shots, limit=limit)
             rows += [{"benchmark": name, "gen_length": gen, "example_id": e["example_id"], "prompt": e["prompt"],
                       "target": e["target"]} for e in bench.examples]
     return rows
@@ -237,16 +239,16 @@ def write_report(args, manifest: dict, keys: set[str]) -> str:
     if results is None or not results.num_rows:
         raise Learn2PDError(f"no results under {args.output}/results: every example failed (see {args.output}/errors)")
     summary = summarize(results)
-    aups, checks = aup_table(summary), target_checks(summary)
+    aups, checks, cache = aup_table(summary), target_checks(summary), cache_effects(results, summary)
     devices = sorted(set(results.column("device").to_pylist()))
     report = {"settings": manifest, "hardware": {"devices": devices, "driver": platform.platform()},
-              "summary": summary, "aup": aups, "targets": checks, "errors": errors.num_rows if errors is not None else 0,
+              "summary": summary, "aup": aups, "targets": checks, "cache": cache, "errors": errors.num_rows if errors is not None else 0,
               "paper": PAPER}
     storage.write_json(storage.join(args.output, "report.json"), report)
     light = results.select(["method", "gen_length", "forwards_per_block"]).to_pylist()
     storage.write_bytes(storage.join(args.output, "tradeoff.png"), tradeoff_png(summary))
     storage.write_bytes(storage.join(args.output, "forwards_per_block.png"), forwards_per_block_png(light))
-    body = markdown(summary, aups, checks)
+    body = markdown(summary, aups, checks, cache=cache)
     text = "\n".join([
         "# Learn2PD evaluation", "",
         f"Model `{manifest['model']}`, filter `{manifest['filter']}`, block {manifest['block_size']}, greedy, "

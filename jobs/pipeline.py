@@ -35,7 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", help="collect: prompt source (default: the tiny model's instruction family)")
     ap.add_argument("--per-task", type=int, help="collect: prompts per task type (paper: 40)")
     ap.add_argument("--raw-prompts", action="store_true", help="collect and evaluate: no chat template")
-    ap.add_argument("--benchmarks", default="tiny", help="evaluate: comma list (tiny, gsm8k, math, humaneval, mbpp)")
+    ap.add_argument("--benchmarks", default="tiny,tiny-long",
+                    help="evaluate: comma list (tiny, tiny-long, gsm8k, math, humaneval, mbpp; default tiny,tiny-long)")
     ap.add_argument("--data-dir", help="evaluate: local benchmark data instead of the hub (e.g. ../shared/data)")
     ap.add_argument("--gen-lengths", default=None, help="evaluate: comma list (default 256,1024)")
     ap.add_argument("--limit", type=int, help="evaluate: examples per benchmark")

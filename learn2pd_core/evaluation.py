@@ -148,6 +148,33 @@ def paired_accuracy_diff(rows: Sequence[dict], vanilla: Sequence[dict], *, resam
     return len(ids), float(diff.mean()), [float(lo), float(hi)]
 
 
+def uncached(method: str) -> str:
+    """'learn2pd+eotp+dual@0.9' -> 'learn2pd+eotp@0.9': the same method without the KV cache."""
+    return method.replace("+prefix", "").replace("+dual", "")
+
+
+def cache_effects(results: pa.Table, summary: Sequence[dict]) -> list[dict]:
+    """Each cached method (+prefix, +dual) against the same method without the cache, per benchmark and gen length:
+    the paired accuracy difference on the same examples with its 95% interval, "within 2 points" read from the
+    interval (lower end >= -2), and the tokens/s ratio."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results.to_pylist():
+        groups[(r["benchmark"], r["gen_length"], r["method"])].append(r)
+    tps = {(r["benchmark"], r["gen_length"], r["method"]): r["tps"] for r in summary}
+    out = []
+    for (bench, gen, method), rs in sorted(groups.items()):
+        base = uncached(method)
+        if base == method or (bench, gen, base) not in groups:
+            continue
+        n, diff, ci = paired_accuracy_diff(rs, groups[(bench, gen, base)])
+        plain = tps.get((bench, gen, base))
+        out.append({"benchmark": bench, "gen_length": gen, "method": method, "without_cache": base,
+                    "paired_examples": n, "acc_diff": diff, "acc_diff_ci": ci,
+                    "within_2_points": ci is not None and ci[0] >= -2.0,
+                    "tps_ratio": tps[(bench, gen, method)] / plain if plain else float("nan")})
+    return out
+
+
 def _median_forwards(rows: list[dict]) -> float:
     counts = [f for r in rows for f in r["forwards_per_block"] if f > 0]
     return float(statistics.median(counts)) if counts else 0.0
@@ -221,7 +248,7 @@ COLUMNS = [("method", "method", "{}"), ("threshold", "τ", "{:g}"), ("examples",
 
 
 def markdown(summary: Sequence[dict], aups: Sequence[dict] = (), checks: Sequence[dict] = (),
-             sweep: bool = False) -> str:
+             sweep: bool = False, cache: Sequence[dict] = ()) -> str:
     """The report's tables: one per benchmark and gen length (sweep points only when `sweep`)."""
     lines = []
     by = defaultdict(list)
@@ -244,6 +271,17 @@ def markdown(summary: Sequence[dict], aups: Sequence[dict] = (), checks: Sequenc
                   "| benchmark | gen length | method | points | AUP |", "|---|---|---|---|---|"]
         lines += [f"| {a['benchmark']} | {a['gen_length']} | {a['family']} | {a['points']} | {a['aup']:.1f} |"
                   for a in aups]
+        lines.append("")
+    if cache:
+        lines += ["### KV cache: each cached method against the same method without it", "",
+                  "Same examples; Δacc with a paired bootstrap 95% interval; within 2 points when its lower end is "
+                  "≥ -2.", "",
+                  "| benchmark | gen length | method | without cache | n | Δacc [95% CI] | within 2 points | "
+                  "tokens/s ratio |", "|---|---|---|---|---|---|---|---|"]
+        for c in cache:
+            lines.append(f"| {c['benchmark']} | {c['gen_length']} | {c['method']} | {c['without_cache']} | "
+                         f"{c['paired_examples']} | {_diff_ci(c)} | {'yes' if c['within_2_points'] else '**no**'} | "
+                         f"{c['tps_ratio']:.2f}x |")
         lines.append("")
     if checks:
         lines += ["### learn2pd+eotp against the targets", "",

@@ -23,3 +23,18 @@ def test_forward_roofline_counts_every_matmul_and_the_attention():
     half = forward_roofline(model, T, batch_sizes=(1,), repeats=1, forward_share=0.5)
     assert half["batching_bound"] == pytest.approx(2 * half["peak_flop_s"] / half["rows"][0]["flop_s"])
     assert "at most" in roofline_lines(roof)[1]
+
+
+def test_compare_methods_reports_forward_flops_and_the_cache_saves_them():
+    """Vanilla without a cache: every forward runs prompt + generation and returns the block's logits, so its FLOPs
+    per forward are the config's count for that shape; the dual cache's later steps run the block only."""
+    from learn2pd_core.bench import compare_methods
+    model = load_model("tiny")
+    prompt = "Start 3, add 4, sub 2."
+    rows = compare_methods(model, [prompt], ["vanilla", "vanilla+dual"], batch_size=1, repeats=1,
+                           gen_length=64, block_size=32)
+    width = len(model.encode_prompt(prompt)) + 64
+    full = model.model.config.forward_flops(batch=1, queries=width, keys=width, logits=32)
+    vanilla, dual = rows
+    assert vanilla["gflop_forward"] == pytest.approx(full / 1e9)
+    assert dual["gflop_forward"] < vanilla["gflop_forward"] / 2

@@ -12,8 +12,8 @@ import pytest
 
 from learn2pd_core import DecodeConfig, load_model, save_filter, storage
 from learn2pd_core.bench import fit_filter_on
-from learn2pd_core.evaluation import (RESULTS, aup, expand_methods, markdown, paired_accuracy_diff, summarize,
-                                      target_checks)
+from learn2pd_core.evaluation import (RESULTS, aup, cache_effects, expand_methods, markdown, paired_accuracy_diff,
+                                      summarize, target_checks)
 from learn2pd_core.tiny.tasks import instruction_examples
 
 # the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
@@ -49,15 +49,20 @@ def filter_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(filter_dir, tmp_path_factory):
+def too_long():
+    """A generation length that (with any prompt) exceeds the model's context: every example of it must become an
+    error row while the others go on."""
+    return 32 * math.ceil(load_model(MODEL).max_length / 32)
+
+
+@pytest.fixture(scope="module")
+def run(filter_dir, too_long, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval") / "out")
-    # gen 1408 (with any prompt) exceeds the tiny model's 1,399-token context: every example of that
-    # length must become an error row while gen 64 goes on.
-    proc = evaluate("--filter", filter_dir, "--gen-length", "64,1408", "--limit", "6", "--output", out)
+    proc = evaluate("--filter", filter_dir, "--gen-length", f"64,{too_long}", "--limit", "6", "--output", out)
     return out, proc
 
 
-def test_every_method_decodes_every_example(run):
+def test_every_method_decodes_every_example(run, too_long):
     out, proc = run
     rows = results(out)
     methods = expand_methods(METHODS.split(","), [0.7])
@@ -74,7 +79,7 @@ def test_every_method_decodes_every_example(run):
             assert r["correct"] == by[(ex, "vanilla")]["correct"]
             assert r["nfe"] <= by[(ex, "vanilla")]["nfe"]
     errors = storage.read_dataset(storage.join(out, "errors")).to_pylist()
-    assert len(errors) == 6 and all(e["gen_length"] == 1408 and "context" in e["error"] for e in errors)
+    assert len(errors) == 6 and all(e["gen_length"] == too_long and "context" in e["error"] for e in errors)
     assert "this run: 12 examples, 6 failures" in proc.stdout
 
 
@@ -100,17 +105,17 @@ def test_report_agrees_with_the_rows(run):
     assert "| learn2pd+eotp |" in proc.stdout                       # the table is printed at the end
 
 
-def test_rerun_resumes_without_duplicates(run, filter_dir):
+def test_rerun_resumes_without_duplicates(run, filter_dir, too_long):
     out, _ = run
     before = sorted((r["example_id"], r["method"], r["completion"]) for r in results(out))
-    again = evaluate("--filter", filter_dir, "--gen-length", "64,1408", "--limit", "6", "--output", out)
+    again = evaluate("--filter", filter_dir, "--gen-length", f"64,{too_long}", "--limit", "6", "--output", out)
     assert "0 to decode" in again.stdout
     parts = storage.list_parts(storage.join(out, "results"))
     # as if a batch with results had been interrupted (a batch of only undecodable examples writes no rows)
     storage.delete_file(next(p for p in parts if pq.read_metadata(p).num_rows))
     lost = len(before) - len(results(out))
     assert lost > 0
-    resumed = evaluate("--filter", filter_dir, "--gen-length", "64,1408", "--limit", "6", "--output", out)
+    resumed = evaluate("--filter", filter_dir, "--gen-length", f"64,{too_long}", "--limit", "6", "--output", out)
     assert f"{lost // len(expand_methods(METHODS.split(','), [0.7]))} to decode" in resumed.stdout
     assert sorted((r["example_id"], r["method"], r["completion"]) for r in results(out)) == before
 
@@ -195,6 +200,29 @@ def reference_bootstrap(mine, base, resamples=2000, seed=0):
         lo = int(pos)
         return means[lo] + (means[min(lo + 1, len(means) - 1)] - means[lo]) * (pos - lo)
     return sum(diff) / len(diff), [pct(2.5), pct(97.5)]
+
+
+def test_cache_effects_pair_each_cached_method_with_the_same_method_without_it():
+    """learn2pd+eotp+dual answers 2 of 40 examples worse than learn2pd+eotp and twice as fast; threshold+prefix@0.7
+    is compared with threshold@0.7 (not with vanilla); a cached method whose plain twin did not run is left out."""
+    rows = (outcomes("vanilla", [False] * 40) + outcomes("learn2pd+eotp", [True] * 40)
+            + outcomes("learn2pd+eotp+dual", [False] * 2 + [True] * 38)
+            + outcomes("threshold@0.7", [True] * 40) + outcomes("threshold+prefix@0.7", [True] * 40)
+            + outcomes("factor+dual", [True] * 40))
+    for r in rows:
+        if r["method"] == "learn2pd+eotp+dual":
+            r["batch_seconds"] = 0.5
+    results = pa.Table.from_pylist(rows, schema=RESULTS)
+    got = {c["method"]: c for c in cache_effects(results, summarize(results))}
+    assert sorted(got) == ["learn2pd+eotp+dual", "threshold+prefix@0.7"]
+    dual = got["learn2pd+eotp+dual"]
+    assert dual["without_cache"] == "learn2pd+eotp" and dual["paired_examples"] == 40
+    assert (dual["acc_diff"], dual["acc_diff_ci"]) == paired_accuracy_diff(outcomes("x", [False] * 2 + [True] * 38),
+                                                                           outcomes("y", [True] * 40))[1:]
+    assert math.isclose(dual["tps_ratio"], 2.0) and dual["within_2_points"] == (dual["acc_diff_ci"][0] >= -2)
+    assert got["threshold+prefix@0.7"]["acc_diff"] == 0.0 and got["threshold+prefix@0.7"]["within_2_points"]
+    assert "| tiny" not in markdown([], cache=[]) and "| learn2pd+eotp+dual | learn2pd+eotp | 40 |" in \
+        markdown([], cache=list(got.values()))
 
 
 def test_identical_methods_differ_by_exactly_zero():
