@@ -1,9 +1,10 @@
 """Model-card figures for the tiny diffusion LM, measured with the project's own decoding engine.
 
-    python -m learn2pd_core.tiny.measure [--model tiny] [--per-task 40] [--n1024 32] [--write]
+    python -m learn2pd_core.tiny.measure [--model tiny] [--per-task 40] [--long-per-task 20] [--n1024 32] [--write]
 
 Benchmark family, evaluation seed 0, greedy, block 32:
   gen 256: vanilla, threshold tau=0.5 / 0.9, EGP oracle (references = vanilla token ids);
+  gen 256, long prompts (the same questions after few-shot prefixes, `tiny-long`): vanilla, threshold 0.9;
   gen 1024: vanilla on a subset (16x costlier), share of forward passes spent after end-of-text.
 --write replaces the measured section of MODEL_CARD.md.
 """
@@ -46,6 +47,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--per-task", type=int, default=40)
+    ap.add_argument("--long-per-task", type=int, default=20, help="few-shot (long-prompt) family, per task (0 = skip)")
     ap.add_argument("--n1024", type=int, default=32, help="prompts decoded at gen 1024 (0 = skip)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -69,6 +71,13 @@ def main():
     runs["egp oracle"] = r = run(model, exs, cfg(policy="egp", references=refs), bs)
     print(f"egp: {r['acc']:.1f}% nfe/prompt {r['nfe_per_prompt']:.1f}", flush=True)
 
+    fewshot = {}
+    if a.long_per_task:
+        lex = benchmark_examples(a.long_per_task, seed=0, fewshot=True)
+        for name, c in (("vanilla", cfg(policy="vanilla")), ("threshold 0.9", cfg(policy="threshold", threshold=0.9))):
+            fewshot[name] = r = run(model, lex, c, bs)
+            print(f"few-shot {name}: {r['acc']:.1f}% nfe/prompt {r['nfe_per_prompt']:.1f} {r['seconds']:.0f}s", flush=True)
+
     long = None
     if a.n1024:
         # every k-th prompt so all task types are represented
@@ -83,10 +92,12 @@ def main():
         print(f"gen1024: {long['acc']:.1f}% after-EoT share {long['after_eot']:.3f} "
               f"same text as gen256 {long['same_text']:.3f}", flush=True)
 
-    md = render(runs, long, len(exs), a)
+    md = render(runs, long, len(exs), a, fewshot)
     print(md)
     summary = {k: {x: v[x] for x in ("acc", "nfe_per_prompt", "tpf", "seconds", "per_task")}
                for k, v in runs.items()}
+    for k, v in fewshot.items():
+        summary[f"few-shot {k}"] = {x: v[x] for x in ("acc", "nfe_per_prompt", "tpf", "seconds", "per_task")}
     if long:
         summary["vanilla gen1024"] = {x: long[x] for x in ("acc", "nfe_per_prompt", "after_eot", "same_text",
                                                           "acc256_same_prompts", "n", "seconds")}
@@ -97,7 +108,7 @@ def main():
         CARD.write_text(text)
 
 
-def render(runs, long, n, a):
+def render(runs, long, n, a, fewshot=None):
     van = runs["vanilla"]
     lines = [f"Benchmark family, seed 0, {n} prompts ({a.per_task} per task), gen_length 256, block 32, "
              f"greedy, batch {a.batch_size}, `python -m learn2pd_core.tiny.measure`.", "",
@@ -111,6 +122,15 @@ def render(runs, long, n, a):
         lines.append(f"| {t} | " + " | ".join(f"{r['per_task'][t]:.0f}" for r in runs.values()) + " |")
     egp = runs["egp oracle"]
     lines += ["", f"EGP oracle forward passes: {egp['nfe'] / van['nfe']:.3f} of vanilla's."]
+    if fewshot:
+        n_long = len(next(iter(fewshot.values()))["ok"])
+        lines += ["", f"Long prompts (`tiny-long`: the same questions after few-shot prefixes of >= 300 tokens), "
+                      f"{n_long} prompts ({a.long_per_task} per task), gen 256:", "",
+                  "| policy | accuracy % | forwards / prompt | " + " | ".join(BENCHMARK_TASKS) + " | wall s |",
+                  "|---|---|---|" + "---|" * len(BENCHMARK_TASKS) + "---|"]
+        for k, r in fewshot.items():
+            lines.append(f"| {k} | {r['acc']:.1f} | {r['nfe_per_prompt']:.1f} | "
+                         + " | ".join(f"{r['per_task'][t]:.0f}" for t in BENCHMARK_TASKS) + f" | {r['seconds']:.0f} |")
     if long:
         lines += ["", f"gen_length 1024 (vanilla, {long['n']} prompts, every {n // long['n']}th of the set, "
                       f"to keep CPU time reasonable): accuracy {long['acc']:.1f}% (same prompts at 256: "

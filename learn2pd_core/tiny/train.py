@@ -10,8 +10,9 @@ t ~ U(eps, 1) per sequence; loss = CE on masked tokens / t, summed and divided b
 L varies per batch (32 ... 1024, fixed token budget per batch) so the model learns to predict
 end-of-text padding however far out the decoder asks, at a fraction of the cost of always 1024.
 The defaults reproduce the shipped checkpoint. Beyond LLaDA's recipe they mask half the rows the way
-block decoding sees them (--semi-ar-share; 0 gives LLaDA's uniform mask only) and weight one task's
-sampling (--task-weight TASK=W replaces the default weights); see MODEL_CARD.md, points 7-9.
+block decoding sees them (--semi-ar-share; 0 gives LLaDA's uniform mask only), weight tasks' sampling
+(--task-weight TASK=W replaces the default weights) and give a share of the batches few-shot prompts
+(--fewshot-share); see MODEL_CARD.md, points 7-11.
 """
 import argparse
 import json
@@ -27,19 +28,21 @@ from ..llada import LLaDA, LLaDAConfig, positions_from_mask, save_llada
 from .tasks import BENCHMARK_TASKS, INSTRUCTION_TASKS, training_stream
 from .tokenizer import VOCAB_SIZE, build_tokenizer
 
-# The shipped checkpoint's recipe (MODEL_CARD.md, points 8-9): half the rows get block-decoding masks and
-# letter_word is drawn twice as often (the mix that taught the previous, XLM-RoBERTa checkpoint its "exactly one
-# capital" rule at gen 256); a LLaDA step costs ~0.25 s on 2 cores, so 6,000 steps fit the 30-minute budget.
+# The shipped checkpoint's recipe (MODEL_CARD.md, points 8-11): half the rows get block-decoding masks, every
+# benchmark task but number_pick is drawn twice as often (so arithmetic, copying and letter_word's "exactly one
+# capital" rule each keep a share of the rows), and 15% of the batches carry few-shot prompts (the long-prompt
+# family, tasks.fewshot_prefix); a LLaDA step costs ~0.27 s on 2 cores, so 6,000 steps fit the 30-minute budget.
 DEFAULTS = dict(hidden=128, layers=4, heads=4, inter=384, rope_theta=10000.0, steps=6000, lr=1e-3, warmup=100,
                 benchmark_share=0.9, tokens_per_batch=3072, gen_lengths=(32, 64, 128, 256, 512, 1024),
-                gen_probs=(0.78, 0.06, 0.04, 0.06, 0.03, 0.03), eps=1e-3,
-                semi_ar_share=0.5, task_weights={"letter_word": 2.0})
+                gen_probs=(0.78, 0.06, 0.04, 0.06, 0.03, 0.03), eps=1e-3, semi_ar_share=0.5,
+                task_weights={"letter_word": 2.0, "word_problem": 2.0, "simplify": 2.0, "string_program": 2.0},
+                fewshot_share=0.15)
 TINY = dict(hidden=32, layers=1, heads=2, inter=96, rope_theta=10000.0, steps=40, lr=3e-3, warmup=5, benchmark_share=0.7,
             tokens_per_batch=1024, gen_lengths=(32, 64), gen_probs=(0.5, 0.5), eps=1e-3,
             semi_ar_share=0.5, task_weights=None)
 
 
-MAX_POSITIONS = 1400  # prompt (<= ~150 characters) + 1024 generated tokens, with room
+MAX_POSITIONS = 1600  # few-shot prompt (<= ~400 characters) + 1024 generated tokens, with room
 
 
 def make_model(tok, hidden, layers, heads, inter, rope_theta, gen=None, **_):
@@ -121,10 +124,14 @@ def batches(tok, hp, seed, groups=4):
     goes to prompt padding or to stretching L for one long answer."""
     rng = random.Random(seed)
     stream = training_stream(seed, hp["benchmark_share"], hp["task_weights"])
+    fewshot = training_stream(seed + 1, 1.0, hp["task_weights"], fewshot=True)
     while True:
         gl0 = rng.choices(hp["gen_lengths"], hp["gen_probs"])[0]
-        bs = max(2, hp["tokens_per_batch"] // (gl0 + 64))
-        pool = sorted((next(stream) for _ in range(bs * groups)),
+        # a few-shot batch: all its rows have ~350-token prompts, so fewer of them fit the token budget
+        # (rng drawn only when the share is set, so recipes without it keep their batches)
+        long = hp.get("fewshot_share", 0) > 0 and rng.random() < hp["fewshot_share"]
+        bs = max(2, hp["tokens_per_batch"] // (gl0 + (400 if long else 64)))
+        pool = sorted((next(fewshot if long else stream) for _ in range(bs * groups)),
                       key=lambda pa: (math.ceil((len(pa[1]) + 1) / 32), len(pa[0])))
         for g in rng.sample(range(groups), groups):
             pairs = pool[g * bs:(g + 1) * bs]
@@ -213,9 +220,11 @@ def main():
     ap.add_argument("--tokens-per-batch", type=int, dest="tokens_per_batch")
     ap.add_argument("--semi-ar-share", type=float, dest="semi_ar_share",
                     help="share of rows masked the way block decoding sees them (default 0.5; 0: LLaDA's uniform mask only)")
+    ap.add_argument("--fewshot-share", type=float, dest="fewshot_share",
+                    help="share of batches whose prompts carry a few-shot prefix (tasks.fewshot_prefix, >= 300 tokens)")
     ap.add_argument("--task-weight", action="append", default=[], metavar="TASK=W", type=task_weight,
                     help="sampling weight of a task within its family, e.g. letter_word=1.5 (repeatable;\n"
-                         "replaces the default weights, letter_word=2)")
+                         "replaces the default weights: 2 for every benchmark task but number_pick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="e.g. cuda, to explore recipes on a GPU (the shipped recipe's\n"
                                                      "budget is 30 minutes on 2 CPU cores)")
@@ -227,7 +236,7 @@ def main():
     train(a.out, seed=a.seed, tiny=a.tiny_config, log_every=5 if a.tiny_config else 50, save_every=a.save_every,
           device=a.device,
           steps=a.steps, lr=a.lr, hidden=a.hidden, layers=a.layers,
-          tokens_per_batch=a.tokens_per_batch, semi_ar_share=a.semi_ar_share, task_weights=weights or None)
+          tokens_per_batch=a.tokens_per_batch, semi_ar_share=a.semi_ar_share, fewshot_share=a.fewshot_share, task_weights=weights or None)
 
 
 if __name__ == "__main__":
