@@ -22,6 +22,7 @@ import torch
 
 from learn2pd_core import Learn2PDError, load_filter, load_model
 from learn2pd_core.bench import compare_methods, fit_filter_on, forward_roofline, markdown_table, roofline_lines
+from learn2pd_core.evaluation import uncached
 from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
 
 METHODS = ["vanilla", "threshold", "factor", "egp", "learn2pd", "vanilla+eotp", "learn2pd+eotp",
@@ -96,7 +97,7 @@ def with_cache_ratio(rows):
     """Each cached method's tokens/s over the same method without the cache (same prompts, batch, gen length)."""
     plain = {r["method"]: r["tok_s"] for r in rows}
     for r in rows:
-        base = r["method"].replace("+prefix", "").replace("+dual", "")
+        base = uncached(r["method"])
         if base != r["method"] and base in plain:
             r["vs_no_cache"] = r["tok_s"] / plain[base]
     return rows
