@@ -312,7 +312,7 @@ def test_slices_are_cuts_of_the_full_sets(capsys):
 
 
 def test_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
-    with pytest.raises(Learn2PDError, match="unknown benchmark 'gsm9k'; choose one of tiny, gsm8k, math"):
+    with pytest.raises(Learn2PDError, match="unknown benchmark 'gsm9k'; choose one of tiny, tiny-long, gsm8k, math"):
         load_benchmark("gsm9k")
     with pytest.raises(Learn2PDError, match="unknown benchmark"):
         score("nope", {"target": "{}"}, "x")
@@ -348,6 +348,8 @@ def test_every_benchmark_survives_garbage(monkeypatch):
     monkeypatch.setattr(sandbox, "run_python", lambda program, **kw: calls.append(program) or
                         sandbox.SandboxResult(False, "failed", "SyntaxError"))
     targets = {"tiny": {"task": "word_problem", "prompt": "Start 1, add 1.", "answer": "1+1=2\n#### 2"},
+               "tiny-long": {"task": "simplify", "prompt": "Simplify 2x+3x+1.\n5x\n\nSimplify 4y-1y+2.",
+                             "answer": "4y-1y=3y\nThe final answer is $3y+2$"},
                "gsm8k": {"answer": "2"}, "math": {"answer": "\\frac{1}{2}"},
                "humaneval": {"task_id": "t", "prompt": "def f():\n", "test": "", "entry_point": "f"},
                "mbpp": {"task_id": 1, "test_setup_code": "", "test_list": ["assert f() == 1"]}}
