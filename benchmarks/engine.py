@@ -57,10 +57,10 @@ def main(argv=None):
         filt, rows = fit_filter_on(model, train, gen_length=min(gens), block_size=args.block_size)
         print(f"fitted a filter on {rows} EGP trace rows from {len(train)} instruction prompts "
               f"in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    rows = []
+    rows, prompts_of = [], {}
     for fam in families:
         examples = _spread(benchmark_examples(per_task=args.prompts, seed=0, fewshot=fam == "long"), args.prompts)
-        prompts = [e["prompt"] for e in examples]
+        prompts = prompts_of[fam] = [e["prompt"] for e in examples]
         for gen in gens:
             for bs in sorted({min(int(b), len(prompts)) for b in args.batch_sizes.split(",")}):   # never padded
                 got = compare_methods(model, prompts, args.methods.split(","), batch_size=bs, repeats=args.repeats,
@@ -81,8 +81,7 @@ def main(argv=None):
                 ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
                 print(f"\n{fam} prompts, gen {gen}: vanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
                 # Why the ratio is what it is: the forward's FLOP rate at each size against this machine's peak.
-                examples = benchmark_examples(per_task=1, seed=0, fewshot=fam == "long")
-                seq_len = round(statistics.median(len(model.encode_prompt(e["prompt"])) for e in examples)) + gen
+                seq_len = round(statistics.median(len(model.encode_prompt(p)) for p in prompts_of[fam])) + gen
                 small = by[("vanilla", sizes[0])]
                 roof = forward_roofline(model, seq_len, (sizes[0], sizes[-1]),
                                         forward_share=1 - small["policy"] - small["other"])

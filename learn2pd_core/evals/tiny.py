@@ -17,7 +17,8 @@ METRICS = ("correct",)
 DEFAULT_PER_TASK = 8
 
 
-def load(source: str | None, shots: int | None, limit: int | None, fewshot: bool = False) -> list[dict]:
+def load(source: str | None, shots: int | None, limit: int | None, fewshot: bool = False,
+         name: str = "tiny") -> list[dict]:
     from ..tiny.tasks import BENCHMARK_TASKS, benchmark_examples
     per_task = math.ceil(limit / len(BENCHMARK_TASKS)) if limit else DEFAULT_PER_TASK
     by_task = {t: [] for t in BENCHMARK_TASKS}
@@ -25,7 +26,7 @@ def load(source: str | None, shots: int | None, limit: int | None, fewshot: bool
         by_task[e["task"]].append(e)
     # round robin: task 1's first, task 2's first, ..., task 1's second, ...
     ordered = [e for k in range(per_task) for t in BENCHMARK_TASKS for e in by_task[t][k:k + 1]]
-    return [make_example(f"tiny/{e['id']}", e["prompt"],
+    return [make_example(f"{name}/{e['id']}", e["prompt"],
                          {"task": e["task"], "prompt": e["prompt"], "answer": e["answer"]})
             for e in (ordered[:limit] if limit else ordered)]
 

@@ -10,5 +10,4 @@ from .tiny import METRICS, STOP, extract, scores  # noqa: F401  (same answers, s
 
 
 def load(source: str | None, shots: int | None, limit: int | None) -> list[dict]:
-    return [{**e, "example_id": "tiny-long/" + e["example_id"].removeprefix("tiny/")}
-            for e in tiny.load(source, shots, limit, fewshot=True)]
+    return tiny.load(source, shots, limit, fewshot=True, name="tiny-long")
