@@ -251,7 +251,10 @@ def write_report(args, manifest: dict, keys: set[str]) -> str:
     body = markdown(summary, aups, checks, cache=cache)
     text = "\n".join([
         "# Learn2PD evaluation", "",
-        f"Model `{manifest['model']}`, filter `{manifest['filter']}`, block {manifest['block_size']}, greedy, "
+        f"Model `{manifest['model']}`, filter `{manifest['filter']}`"
+        + (f" ({manifest.get('filter_variant')}, default τ {manifest.get('filter_threshold'):g})"
+           if manifest.get("filter_variant") else "")
+        + f", block {manifest['block_size']}, greedy, "
         f"chat template {'on' if manifest['chat_template'] else 'off'}; hardware: {', '.join(devices)}; "
         f"versions: {', '.join(f'{k} {v}' for k, v in manifest['versions'].items())}. "
         f"Tokens/s and speedups are measured in one run, every method on the same examples and actors; "
@@ -292,7 +295,10 @@ def run(args, methods: list[str], filter_uri: str | None, rows: list[dict]) -> i
     import torch
     import transformers
 
-    manifest = {"stage": "evaluate", "model": args.model, "filter": filter_uri, "benchmarks": args.benchmarks,
+    from learn2pd_core import load_filter
+    filt = load_filter(filter_uri).metadata() if filter_uri else {}
+    manifest = {"stage": "evaluate", "model": args.model, "filter": filter_uri,
+                "filter_variant": filt.get("variant"), "filter_threshold": filt.get("threshold"), "benchmarks": args.benchmarks,
                 "data_dir": args.data_dir, "shots": args.shots, "methods": methods, "gen_lengths": args.gen_lengths,
                 "block_size": args.block_size, "limit": args.limit, "long_limit": args.long_limit,
                 "chat_template": not args.raw_prompts,

@@ -95,7 +95,9 @@ def complete(stage: str, run: str) -> str | None:
     elif stage == "train_filter":
         path = storage.join(run, "filter", "metrics.json")
         if storage.exists(path):
-            return f"filter fitted (best validation loss {storage.read_json(path).get('best_val_loss', float('nan')):.4f})"
+            m = storage.read_json(path)
+            return (f"{m.get('variant', 'paper')} filter fitted "
+                    f"(best validation loss {m.get('best_val_loss', float('nan')):.4f})")
     elif storage.exists(storage.join(run, "evaluate", "report.md")):
         return f"report at {storage.join(run, 'evaluate', 'report.md')}"
     return None

@@ -2,9 +2,10 @@
 
 Ray Data reads the trace Parquet, drops rows with non-finite confidences (and says how many), splits by
 prompt into train and validation, and hands each TorchTrainer worker its shard. Workers hold their shard
-in memory and run full-batch (or --batch-size) AdamW on BCE-with-logits with the filter's written-out
-gradient (learn2pd_core.filter.bce_gradients); one all-reduce per step sums the workers' gradients, so
-N workers fit the same filter as one. Every --eval-every epochs the global train/validation losses are
+in memory and run full-batch (or --batch-size) AdamW on BCE-with-logits (for the paper's filter with its
+written-out gradient, learn2pd_core.filter.bce_gradients); one all-reduce per step sums the workers' gradients, so
+N workers fit the same filter as one. --variant picks the filter: `context` (default; per-position features,
+learn2pd_core.filter.ContextFilter) or `paper` (the paper's 2,112-parameter MLP over the 32 confidences). Every --eval-every epochs the global train/validation losses are
 recorded; every --report-every epochs they go to ray.train.report with a checkpoint that carries the best
 filter so far, so an interrupted run resumes from the latest one. --output receives filter.safetensors + filter.json (shape, default tau, the traces' manifest),
 metrics.json (history, best epoch, commit precision/recall at several tau) and loss_curve.png.
@@ -24,9 +25,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
 from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import FilterMLP, Learn2PDError, console, save_filter, storage  # noqa: E402
+from learn2pd_core import Learn2PDError, console, make_filter, save_filter, storage  # noqa: E402
 from learn2pd_core.placement import check_shared_output, connect, largest_node_cpus  # noqa: E402
-from learn2pd_core.filter import FitRows, bce_gradients, commit_counts, commit_metrics, validation_prompts  # noqa: E402
+from learn2pd_core.filter import (FitRows, VARIANTS, bce_gradients, commit_counts, commit_metrics,  # noqa: E402
+                                  validation_prompts)
 from learn2pd_core.report import loss_curve_png  # noqa: E402
 
 TAUS = (0.9, 0.96, 0.99)
@@ -38,10 +40,13 @@ def parse_args(argv=None):
                     help="collect output (local or s3://) holding traces/ and manifest.json, or the traces/ "
                          "directory itself (default: runs/collect, the default collect run)")
     ap.add_argument("--output", default="runs/filter", help="local directory or s3://bucket/prefix (default runs/filter)")
+    ap.add_argument("--variant", choices=tuple(VARIANTS), default="context",
+                    help="context (default): one MLP shared by every position over its confidence, neighbours, place "
+                         "in the block, step and block; paper: the paper's MLP over the block's 32 confidences")
     ap.add_argument("--epochs", type=int, default=5000, help="passes over the training split (paper: 5000)")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    ap.add_argument("--hidden", type=int, default=None, help="hidden width (default: block size)")
-    ap.add_argument("--layers", type=int, default=2, help="linear layers (default 2)")
+    ap.add_argument("--hidden", type=int, default=None, help="hidden width (default: 32; the block size for paper)")
+    ap.add_argument("--layers", type=int, default=None, help="linear layers (default: 3 for context, 2 for paper)")
     ap.add_argument("--batch-size", type=int, default=0, help="rows per step per worker; 0 = full batch (default)")
     ap.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (data-parallel, default 1)")
     ap.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
@@ -52,7 +57,8 @@ def parse_args(argv=None):
                          "reported losses stay fp32); "
                          "auto = bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts held out for validation")
-    ap.add_argument("--threshold", type=float, default=0.96, help="default tau stored with the filter (paper: 0.96)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="default tau stored with the filter (default: 0.99 for context, the paper's 0.96 for paper)")
     ap.add_argument("--eval-every", type=int, default=None,
                     help="epochs between loss evaluations, the points of the loss curve (default: epochs/100)")
     ap.add_argument("--report-every", type=int, default=None,
@@ -98,11 +104,13 @@ def row_stats(batch):
 
 
 def split_rows(val_ids: set, want_val: bool):
-    """map_batches fn: finite rows of one split as dense arrays x (confidence), y (correct), m (masked)."""
+    """map_batches fn: finite rows of one split as dense arrays x (confidence), y (correct), m (masked), b (block)
+    and s (step)."""
     def fn(batch):
         import numpy as np
         if len(batch) == 0:
-            return {"x": np.zeros((0, 1), np.float32), "y": np.zeros((0, 1), np.float32), "m": np.zeros((0, 1), bool)}
+            return {"x": np.zeros((0, 1), np.float32), "y": np.zeros((0, 1), np.float32), "m": np.zeros((0, 1), bool),
+                    "b": np.zeros(0, np.int64), "s": np.zeros(0, np.int64)}
         stats = row_stats(batch)
         keep = stats["finite"] & (np.isin(stats["prompt_id"], list(val_ids)) == want_val)
         width = int(stats["block_size"][0])
@@ -110,7 +118,8 @@ def split_rows(val_ids: set, want_val: bool):
         def dense(col, dtype):
             return np.asarray(batch[col].combine_chunks().flatten().to_numpy(zero_copy_only=False),
                               dtype=dtype).reshape(-1, width)[keep]
-        return {"x": dense("confidence", np.float32), "y": dense("correct", np.float32), "m": dense("masked", bool)}
+        return {"x": dense("confidence", np.float32), "y": dense("correct", np.float32), "m": dense("masked", bool),
+                "b": batch["block"].to_numpy().astype(np.int64)[keep], "s": batch["step"].to_numpy().astype(np.int64)[keep]}
     return fn
 
 
@@ -121,7 +130,6 @@ def train_loop(cfg: dict):
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from torch import nn
 
     torch.set_num_threads(cfg["threads"])
     ctx = ray.train.get_context()
@@ -130,14 +138,21 @@ def train_loop(cfg: dict):
     bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and (
         device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
+    dtypes = (torch.float32, torch.bool, torch.bool, torch.long, torch.long)
+
     def load_shard(name):  # the shard fits in memory many times over: read it once, then run epochs on tensors
         parts = list(ray.train.get_dataset_shard(name).iter_batches(batch_size=65536, batch_format="numpy"))
-        cat = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, cfg["block_size"]))
-               for k in ("x", "y", "m")}
-        return [torch.as_tensor(cat[k], dtype=torch.bool if k == "m" else torch.float32, device=device)
-                for k in ("x", "y", "m")]
-    x, y, _ = load_shard("train")
-    vx, vy, vm = load_shard("val")
+        S = cfg["block_size"]
+        cat = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, S) if k in "xym" else (0,))
+               for k in ("x", "y", "m", "b", "s")}
+        # confidence [N, S], correct [N, S], masked [N, S], block [N], step [N]
+        return [torch.as_tensor(cat[k], dtype=t, device=device) for k, t in zip("xymbs", dtypes)]
+
+    torch.manual_seed(cfg["seed"])
+    filt = make_filter(cfg["variant"], cfg["block_size"], cfg["hidden"], cfg["layers"]).to(device)
+    # The rows the filter's MLP trains on: block rows for paper, masked positions' features for context.
+    x, y, _ = filt.net_rows(*load_shard("train"))
+    vx, vy, vm = filt.net_rows(*load_shard("val"))   # vm: which targets are decisions decoding would make
 
     def total(*values):  # sums across workers
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -145,9 +160,7 @@ def train_loop(cfg: dict):
             dist.all_reduce(t)
         return t.tolist()
 
-    n_train, n_val = total(float(x.numel()))[0], float(vx.numel())   # train is sharded, validation is not
-    torch.manual_seed(cfg["seed"])
-    filt = FilterMLP(cfg["block_size"], cfg["hidden"], cfg["layers"]).to(device)
+    n_train, n_val = total(float(y.numel()))[0], float(vy.numel())   # train is sharded, validation is not
     opt = torch.optim.AdamW(filt.parameters(), lr=cfg["lr"])
     start, history, best = 0, [], {"val_loss": float("inf"), "epoch": 0, "state": None}
     ckpt = ray.train.get_checkpoint()
@@ -157,7 +170,7 @@ def train_loop(cfg: dict):
         filt.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         start, history, best = saved["epoch"], saved["history"], saved["best"]
-    bce = nn.functional.binary_cross_entropy_with_logits
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
     full_batch = not cfg["batch_size"] or cfg["batch_size"] >= len(x)
     bs = len(x) if full_batch else cfg["batch_size"]
     steps = torch.tensor([-(-len(x) // max(bs, 1))], device=device)
@@ -167,9 +180,9 @@ def train_loop(cfg: dict):
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
     dtype = torch.bfloat16 if bf16 else torch.float32
     full_rows = FitRows(x, y, dtype) if full_batch else None   # prepared once, reused by every epoch
-    # Gradients are summed across workers and scaled by the global element count, so every step follows
+    # Gradients are summed across workers and scaled by the global target count, so every step follows
     # the gradient of one global mean however the rows are sharded: N workers fit the same filter as one.
-    scale = 1.0 / max(n_train if full_batch else world * bs * cfg["block_size"], 1.0)
+    scale = 1.0 / max(n_train if full_batch else world * bs * y.shape[1], 1.0)
     params = list(filt.parameters())
 
     t0 = time.perf_counter()
@@ -181,7 +194,7 @@ def train_loop(cfg: dict):
             else:
                 idx = order[(s * bs) % max(len(x), 1):][:bs]
                 bce_gradients(filt, FitRows(x[idx], y[idx], dtype), scale)
-            if world > 1:   # one all-reduce of the 2,112 gradients (what DDP would do, without its hooks)
+            if world > 1:   # one all-reduce of the filter's gradients (what DDP would do, without its hooks)
                 flat = torch.cat([p.grad.flatten() for p in params])
                 dist.all_reduce(flat)
                 torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
@@ -192,8 +205,8 @@ def train_loop(cfg: dict):
         if rank == 0 and cfg.get("progress") is not None:
             cfg["progress"].put_nowait(epoch)   # the driver's progress bar
         with torch.no_grad():
-            train_sum = total(bce(filt(x), y, reduction="sum").item())[0]
-            val_sum = bce(filt(vx), vy, reduction="sum").item()
+            train_sum = total(bce(filt.net(x), y.float(), reduction="sum").item())[0]
+            val_sum = bce(filt.net(vx), vy.float(), reduction="sum").item()
         row = {"epoch": epoch, "train_loss": train_sum / max(n_train, 1), "val_loss": val_sum / max(n_val, 1)}
         history.append(row)
         if row["val_loss"] < best["val_loss"]:
@@ -205,7 +218,7 @@ def train_loop(cfg: dict):
         if last:   # the best filter's commit quality on the validation split, and the base-rate baseline
             filt.load_state_dict(best["state"])
             with torch.no_grad():
-                counts = commit_counts(filt(vx), vy, vm, TAUS)
+                counts = commit_counts(filt.net(vx), vy, vm, TAUS)
             metrics["commit"] = commit_metrics(counts, TAUS)
             p = min(max(total(y.sum().item())[0] / max(n_train, 1), 1e-7), 1 - 1e-7)   # base rate of the train split
             q = vy.sum().item() / max(n_val, 1)
@@ -222,10 +235,12 @@ def train_loop(cfg: dict):
 
 
 # ---------------------------------------------------------------- driver
-def fingerprint(args, manifest: dict, block_size: int) -> str:
-    keys = ("traces", "epochs", "lr", "hidden", "layers", "batch_size", "num_workers", "val_fraction", "seed", "threshold",
+def fingerprint(args, manifest: dict) -> str:
+    """The fit's identity: its settings and the traces' manifest (when a collect run finished, its counts and
+    time; the block size is in its decode settings). Known before Ray starts, so a rerun skips at once."""
+    keys = ("traces", "variant", "epochs", "lr", "hidden", "layers", "batch_size", "num_workers", "val_fraction", "seed", "threshold",
             "precision")
-    blob = json.dumps({"args": {k: getattr(args, k) for k in keys}, "block_size": block_size,
+    blob = json.dumps({"args": {k: getattr(args, k) for k in keys}, "decode": manifest.get("decode"),
                        "traces_finished": manifest.get("finished"), "counts": manifest.get("counts")}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -241,11 +256,16 @@ def main(argv=None) -> int:
         raise Learn2PDError(f"--val-fraction must be between 0 and 1 (got {args.val_fraction})")
     traces_uri, manifest = trace_source(args.traces)
     storage.check_writable(args.output)
+    fp = fingerprint(args, manifest)
+    metrics_uri = storage.join(args.output, "metrics.json")
+    if not args.overwrite and storage.exists(metrics_uri) and storage.read_json(metrics_uri).get("fingerprint") == fp:
+        console.say(f"{args.output} already holds this fit (fingerprint {fp}); --overwrite to refit")
+        return 0
     with console.session(args.output, "train_filter", args.verbose):
-        return run(args, traces_uri, manifest)
+        return run(args, traces_uri, manifest, fp)
 
 
-def run(args, traces_uri: str, manifest: dict) -> int:
+def run(args, traces_uri: str, manifest: dict, fp: str) -> int:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -255,7 +275,7 @@ def run(args, traces_uri: str, manifest: dict) -> int:
     cpus = args.cpus_per_worker or max(1, int(min(ray.cluster_resources().get("CPU", 1) // args.num_workers,
                                                   largest_node_cpus())))
     fs, path = storage.resolve(traces_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["prompt_id", "confidence", "correct", "masked"])
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["prompt_id", "block", "step", "confidence", "correct", "masked"])
 
     stats = ds.map_batches(row_stats, batch_format="pyarrow").materialize()
     rows = stats.count()
@@ -273,11 +293,7 @@ def run(args, traces_uri: str, manifest: dict) -> int:
         raise Learn2PDError(f"every trace row at {traces_uri} has NaN/inf confidences: nothing to fit")
     val_ids = validation_prompts(stats.unique("prompt_id"), args.val_fraction, args.seed)
 
-    fp = fingerprint(args, manifest, block_size)
     metrics_uri = storage.join(args.output, "metrics.json")
-    if not args.overwrite and storage.exists(metrics_uri) and storage.read_json(metrics_uri).get("fingerprint") == fp:
-        console.say(f"{args.output} already holds this fit (fingerprint {fp}); --overwrite to refit")
-        return 0
     console.say(f"train_filter: {rows} trace rows from {traces_uri}, {args.epochs} epochs"
                 + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
 
@@ -292,7 +308,7 @@ def run(args, traces_uri: str, manifest: dict) -> int:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dict(block_size=block_size, hidden=args.hidden, layers=args.layers, lr=args.lr,
-                               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, use_gpu=args.use_gpu,
+                               variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, use_gpu=args.use_gpu,
                                eval_every=eval_every, report_every=report_every, threads=cpus,
                                precision=args.precision, progress=epochs_done),
         scaling_config=ray.train.ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
@@ -314,15 +330,15 @@ def run(args, traces_uri: str, manifest: dict) -> int:
         saved = torch.load(os.path.join(d, "state.pt"), weights_only=False)
     best = saved["best"]
 
-    filt = FilterMLP(block_size, args.hidden, args.layers, threshold=args.threshold, provenance={
+    filt = make_filter(args.variant, block_size, args.hidden, args.layers, args.threshold, provenance={
         "traces": args.traces, "model": manifest.get("model"), "decode": manifest.get("decode"),
-        "trace_manifest": manifest, "training": {"epochs": args.epochs, "lr": args.lr, "seed": args.seed,
+        "trace_manifest": manifest, "training": {"variant": args.variant, "epochs": args.epochs, "lr": args.lr, "seed": args.seed,
                                                  "best_epoch": best["epoch"], "val_fraction": args.val_fraction}})
     filt.load_state_dict(best["state"])
     history = saved["history"]
     save_filter(filt, args.output)
     metrics = {
-        "fingerprint": fp, "block_size": block_size, "parameters": filt.metadata()["parameters"],
+        "fingerprint": fp, "variant": args.variant, "block_size": block_size, "parameters": filt.metadata()["parameters"],
         "rows": rows, "dropped_non_finite": non_finite, "val_prompts": len(val_ids),
         "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
         "final_train_loss": history[-1]["train_loss"], "final_val_loss": history[-1]["val_loss"],

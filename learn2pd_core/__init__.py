@@ -2,8 +2,8 @@
 from .config import DecodeConfig
 from .engine import GenerationResult, Trace, generate
 from .errors import ConfigError, Learn2PDError, ModelLoadError
-from .filter import FilterMLP, fit_filter, load_filter, save_filter
+from .filter import ContextFilter, FilterMLP, fit_filter, load_filter, make_filter, save_filter
 from .model import DiffusionLM, check_model, load_model
 
 __all__ = ["DecodeConfig", "GenerationResult", "Trace", "generate", "ConfigError", "Learn2PDError", "ModelLoadError",
-           "FilterMLP", "fit_filter", "load_filter", "save_filter", "DiffusionLM", "check_model", "load_model"]
+           "ContextFilter", "FilterMLP", "fit_filter", "load_filter", "make_filter", "save_filter", "DiffusionLM", "check_model", "load_model"]

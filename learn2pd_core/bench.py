@@ -205,13 +205,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def fit_filter_on(model, prompts: Sequence, *, gen_length: int, block_size: int, batch_size: int = 16,
-                  epochs: int = 2000, lr: float = 3e-3, seed: int = 0):
+                  epochs: int = 2000, lr: float = 3e-3, seed: int = 0, variant: str = "context"):
     """Collect EGP traces on `prompts` and fit a filter in-process: the whole Learn2PD recipe, small."""
     from .filter import fit_filter
     from .oracle import collect_egp, trace_matrix
 
     _, egp = collect_egp(model, prompts, gen_length, block_size, batch_size)
-    conf, correct = trace_matrix(egp)
+    rows = trace_matrix(egp)
     provenance = {"model": model.name, "gen_length": gen_length, "block_size": block_size,
-                  "prompts": len(prompts), "trace_rows": int(len(conf))}
-    return fit_filter(conf, correct, epochs=epochs, lr=lr, seed=seed, provenance=provenance), len(conf)
+                  "prompts": len(prompts), "trace_rows": int(len(rows["confidence"]))}
+    filt = fit_filter(**rows, variant=variant, epochs=epochs, lr=lr, seed=seed, provenance=provenance)
+    return filt, len(rows["confidence"])

@@ -7,9 +7,12 @@ from typing import Any, Sequence
 from .errors import ConfigError
 
 POLICIES = ("vanilla", "threshold", "factor", "egp", "learn2pd")
-# "commit": the paper's EoTP (stop once an end-of-text token is committed);
+# "block" (default): once the block in which an end-of-text token was committed is complete, cut after the first
+#   end-of-text: every later block is skipped and the answer is token for token the one decoding without EoTP gives;
+# "commit": the paper's EoTP (cut right after a committed end-of-text, mid-block: the block's remaining positions
+#   are then predicted over a shorter sequence, which changes answers);
 # "predict": the official code's variant (truncate at the most confident *predicted* end-of-text).
-EOTP_MODES = ("commit", "predict")
+EOTP_MODES = ("block", "commit", "predict")
 DEFAULT_THRESHOLD = {"threshold": 0.9, "learn2pd": 0.96}
 # KV cache (Fast-dLLM's, as in the paper): "prefix" reuses the keys/values before the block, "dual" also those
 # after it. "block" refreshes them at each block's first step; "step" at every step (exact: a check, no speed-up).
@@ -26,7 +29,7 @@ class DecodeConfig:
     policy: str = "vanilla"
     threshold: float | None = None    # τ: threshold policy (0.9) or learn2pd filter (sidecar value, else 0.96)
     factor: float = 1.0               # f of Fast-dLLM's factor rule
-    eotp: str | None = None           # None, "commit" or "predict" (True means "commit")
+    eotp: str | None = None           # None, "block", "commit" or "predict" (True means "block")
     filter: Any = None                # FilterMLP or a path to one (learn2pd only)
     references: Sequence[Sequence[int]] | None = field(default=None, repr=False)  # egp: one gen_length id list per prompt
     seed: int = 0
@@ -49,11 +52,12 @@ class DecodeConfig:
         if self.temperature < 0:
             raise ConfigError(f"temperature {self.temperature} must be >= 0 (0 is greedy)")
         if self.eotp is True:
-            self.eotp = "commit"
+            self.eotp = "block"
         if self.eotp is False:
             self.eotp = None
         if self.eotp is not None and self.eotp not in EOTP_MODES:
-            raise ConfigError(f"unknown eotp mode {self.eotp!r}; choose None, 'commit' (paper) or 'predict' (official code)")
+            raise ConfigError(f"unknown eotp mode {self.eotp!r}; choose None, 'block' (default), 'commit' (paper) or "
+                              "'predict' (official code)")
         if self.cache is not None and self.cache not in CACHE_MODES:
             raise ConfigError(f"unknown cache {self.cache!r}; choose None, 'prefix' or 'dual'")
         if self.cache_refresh not in CACHE_REFRESH:
@@ -94,19 +98,19 @@ class DecodeConfig:
 
     @classmethod
     def from_method(cls, method: str, **settings) -> "DecodeConfig":
-        """Config for a method name as used on command lines: a policy, then optionally '+eotp' or
-        '+eotp-predict', '+prefix' or '+dual' (KV cache), and '@τ' (e.g. 'learn2pd+eotp+dual@0.9',
+        """Config for a method name as used on command lines: a policy, then optionally '+eotp' (block),
+        '+eotp-commit' or '+eotp-predict', '+prefix' or '+dual' (KV cache), and '@τ' (e.g. 'learn2pd+eotp+dual@0.9',
         'threshold+prefix', 'threshold@0.7'); `settings` supply the rest (gen_length, filter, references, ...)."""
         name, _, tau = method.partition("@")
         policy, *suffixes = name.split("+")
-        modes = {"eotp": ("eotp", "commit"), "eotp-predict": ("eotp", "predict"), "prefix": ("cache", "prefix"),
+        modes = {"eotp": ("eotp", "block"), "eotp-commit": ("eotp", "commit"), "eotp-predict": ("eotp", "predict"), "prefix": ("cache", "prefix"),
                  "dual": ("cache", "dual")}
         chosen = {}
         for suffix in suffixes:
             key, value = modes.get(suffix, (None, None))
             if key is None or key in chosen:
                 raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
-                                  "by +eotp or +eotp-predict, by +prefix or +dual, and by @<threshold>")
+                                  "by +eotp, +eotp-commit or +eotp-predict, by +prefix or +dual, and by @<threshold>")
             chosen[key] = value
         if tau:
             try:

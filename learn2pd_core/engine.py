@@ -227,13 +227,16 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
             records.append((rows, state.block[rows], state.step[rows], conf.float(), pred, pred == target, masked))
             pred = target                                              # EGP writes reference tokens only
         else:  # learn2pd
-            commit = policies.learn2pd_rule(conf, masked, filt, cfg.tau, state.top_k_count(rows))
+            commit = policies.learn2pd_rule(conf, masked, filt, cfg.tau, state.top_k_count(rows), state.block[rows],
+                                            state.step[rows])
         x[rows[:, None], pos] = torch.where(commit, pred, current)
         n_commit = commit.sum(dim=1)
         if bool((n_commit == 0).any()):   # every rule commits >= 1 per step; without it decoding never ends
             raise RuntimeError(f"policy {cfg.policy!r} committed no token in a block that still has masks")
 
-        if cfg.eotp:
+        if cfg.eotp == "block":
+            state.cut(rows, _finished_answer_end(state, rows, pos, live, eos_ids), eos_fill)
+        elif cfg.eotp:
             cut = torch.where(commit & torch.isin(pred, eos_ids), pos, x.shape[1]).min(dim=1).values
             if cfg.eotp == "predict":
                 cut, n_commit = _predicted_eot(state, rows, runner, eos_ids, cut, n_commit)
@@ -251,6 +254,18 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
                                         state.tokens_per_step[r], state.forwards_per_block[r].tolist(),
                                         float(state.finished_at[r]), traces[r]))
     return results
+
+
+def _finished_answer_end(state: Rows, rows, pos, live, eos_ids) -> torch.Tensor:
+    """EoTP "block": [R] the first end-of-text of the generation region for rows whose current block is now
+    complete and holds one (earlier blocks hold none, or the row would have ended there), else past the end.
+    Waiting for the block to complete keeps every position before that end-of-text decoded exactly as without
+    EoTP; cutting then skips every later block, where nearly all of the padding's forwards are."""
+    x, P, L = state.x, state.P, state.x.shape[1]
+    complete = ~((x[rows[:, None], pos] == state.mask_id) & live).any(dim=1)   # [R]
+    eos = torch.isin(x[rows, P:], eos_ids)                                       # [R, G]
+    first = torch.where(eos.any(dim=1), P + eos.int().argmax(dim=1), L)
+    return torch.where(complete, first, L)
 
 
 def _predicted_eot(state: Rows, rows, runner: BlockForward, eos_ids, cut, n_commit):

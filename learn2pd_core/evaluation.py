@@ -101,9 +101,10 @@ def evaluate_examples(model, benchmark: str, rows: Sequence[dict], *, gen_length
 
 
 # ---------------------------------------------------------------- aggregation
-def summarize(results: pa.Table) -> list[dict]:
+def summarize(results: pa.Table, baseline: str = "vanilla") -> list[dict]:
     """One row per (benchmark, gen_length, method). TPS = answer tokens / decoding seconds summed over the
-    method's batches; speedups are against vanilla on the same examples (same batches, same actors)."""
+    method's batches; speedups and accuracy differences are against `baseline` (vanilla) on the same examples
+    (same batches, same actors)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results.to_pylist():
         groups[(r["benchmark"], r["gen_length"], r["method"])].append(r)
@@ -117,8 +118,8 @@ def summarize(results: pa.Table) -> list[dict]:
                      "tps": tokens / seconds if seconds else 0.0, "seconds": seconds,
                      "blocks_median_forwards": _median_forwards(rs)})
         rows[-1]["paired_examples"], rows[-1]["acc_diff"], rows[-1]["acc_diff_ci"] = \
-            paired_accuracy_diff(rs, groups.get((bench, gen, "vanilla"), []))
-    base = {(r["benchmark"], r["gen_length"]): r for r in rows if r["method"] == "vanilla"}
+            paired_accuracy_diff(rs, groups.get((bench, gen, baseline), []))
+    base = {(r["benchmark"], r["gen_length"]): r for r in rows if r["method"] == baseline}
     for r in rows:
         v = base.get((r["benchmark"], r["gen_length"]))
         r["speedup"] = r["tps"] / v["tps"] if v and v["tps"] else float("nan")

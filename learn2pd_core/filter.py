@@ -1,6 +1,14 @@
-"""The Learn2PD filter f_θ: block confidences -> per-position logits of "this prediction is already final".
+"""The Learn2PD filter f_θ: what a block looks like at one step -> per-position logits of "this prediction is
+already final". Two variants, one call signature `filt(confidence, masked, block, step)`:
 
-Saved as `filter.safetensors` plus a `filter.json` sidecar holding the shape, the default τ and the
+- `paper` (FilterMLP): the paper's MLP over the block's S confidences, S -> S -> S (2,112 parameters at S=32);
+  it ignores everything but the confidences and is trained on every position.
+- `context` (ContextFilter): one small MLP applied at every position (weights shared across positions) to that
+  position's features: its confidence, also on a log scale that separates 0.99 from 0.9999, its neighbours', its
+  place in the block, how much of the block is still masked, the step and the block index. Trained on masked
+  positions only, the only ones it decides.
+
+Saved as `filter.safetensors` plus a `filter.json` sidecar holding the variant, shape, default τ and the
 provenance (which model and decode settings produced the training traces), locally or on S3.
 Also here: the prompt-level validation split and the commit metrics that the training job reports.
 """
@@ -20,29 +28,111 @@ from .errors import ConfigError
 WEIGHTS_NAME, SIDECAR_NAME = "filter.safetensors", "filter.json"
 
 
-class FilterMLP(nn.Module):
-    """`layers` linear layers with ReLU between; hidden = block_size by default (2,112 params at block 32)."""
+class _Filter(nn.Module):
+    """What both variants share: an MLP `net` (`layers` Linear layers, ReLU between) over `inputs(...)`, the
+    default τ and provenance, and `forward(confidence, masked, block, step)` -> [N, S] logits."""
+    variant: str
 
-    def __init__(self, block_size: int = 32, hidden: int | None = None, layers: int = 2,
-                 threshold: float = 0.96, provenance: dict | None = None):
+    def __init__(self, block_size: int, hidden: int, layers: int, threshold: float, provenance: dict | None):
         super().__init__()
         if block_size <= 0 or layers < 1:
             raise ConfigError(f"filter needs block_size > 0 and layers >= 1 (got {block_size}, {layers})")
-        self.block_size, self.hidden, self.layers = block_size, hidden or block_size, layers
+        self.block_size, self.hidden, self.layers = block_size, hidden, layers
         self.threshold, self.provenance = threshold, dict(provenance or {})
-        widths = [block_size] + [self.hidden] * (layers - 1) + [block_size]
+        widths = [self.input_width] + [hidden] * (layers - 1) + [self.output_width]
         mods: list[nn.Module] = []
         for i, (w_in, w_out) in enumerate(zip(widths, widths[1:])):
             mods += [nn.Linear(w_in, w_out)] + ([nn.ReLU()] if i < layers - 1 else [])
         self.net = nn.Sequential(*mods)
 
-    def forward(self, confidence: torch.Tensor) -> torch.Tensor:
-        return self.net(confidence)
+    def forward(self, confidence, masked=None, block=None, step=None) -> torch.Tensor:
+        return self.head(self.inputs(confidence, masked, block, step))
 
     def metadata(self) -> dict:
-        return {"block_size": self.block_size, "layers": self.layers, "hidden": self.hidden,
+        return {"variant": self.variant, "block_size": self.block_size, "layers": self.layers, "hidden": self.hidden,
                 "threshold": self.threshold, "parameters": sum(p.numel() for p in self.parameters()),
                 "provenance": self.provenance}
+
+
+class FilterMLP(_Filter):
+    """The paper's filter over the block's confidences, S -> hidden -> S; hidden = block_size by default
+    (2,112 params at block 32)."""
+    variant = "paper"
+
+    def __init__(self, block_size: int = 32, hidden: int | None = None, layers: int = 2,
+                 threshold: float = 0.96, provenance: dict | None = None):
+        self.input_width = self.output_width = block_size
+        super().__init__(block_size, hidden or block_size, layers, threshold, provenance)
+
+    def inputs(self, confidence: torch.Tensor, masked=None, block=None, step=None) -> torch.Tensor:
+        return confidence                                     # [N, S]: the confidences only
+
+    def head(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)                               # [N, S] -> [N, S] logits
+
+    def net_rows(self, confidence, correct, masked, block=None, step=None):
+        """What `net` trains on (the paper's loss covers every position of the block): input rows [N, S], targets
+        [N, S], and which targets are decisions decoding would make (the masked positions)."""
+        return confidence, correct, masked
+
+
+class ContextFilter(_Filter):
+    """Beyond the paper: the same decision made per position from that position's context, by one MLP whose
+    weights every position shares (F features -> hidden -> ... -> 1; 1,505 parameters at the defaults).
+    Sharing makes it learn one rule from every position's examples instead of 32 separate ones, and the
+    log-scale confidence lets it tell 0.99 (wrong about 1 time in 100) from 0.9999, which on a linear scale
+    are 0.0099 apart."""
+    variant = "context"
+    FEATURES = ("confidence", "certainty", "masked", "position", "left certainty", "right certainty", "left masked",
+                "right masked", "masked share", "least certain masked", "step", "block")
+
+    def __init__(self, block_size: int = 32, hidden: int | None = None, layers: int = 3,
+                 threshold: float = 0.99, provenance: dict | None = None):
+        self.input_width, self.output_width = len(self.FEATURES), 1
+        super().__init__(block_size, hidden or 32, layers, threshold, provenance)
+
+    def inputs(self, confidence, masked, block, step) -> torch.Tensor:
+        """[N, S, F] per-position features, each scaled to about [0, 1]. Fixed for a trace row, so a fit
+        computes them once (`net_rows`) and its epochs run only the MLP."""
+        N, S = confidence.shape
+        c, m = confidence, masked.to(confidence.dtype)
+        # -log(1 - c) / 16: 0.9 -> 0.14, 0.99 -> 0.29, 0.9999 -> 0.58; float32's largest c below 1 -> ~1
+        certainty = -torch.log1p(-c.clamp(max=1 - 1e-7)) / 16
+        pad = lambda t, v: nn.functional.pad(t, (1, 1), value=v)   # [N, S + 2]: block edges look committed
+        cp, mp = pad(certainty, 1.0), pad(m, 0.0)
+        least = torch.where(m > 0, certainty, torch.full_like(certainty, 2.0)).min(dim=1, keepdim=True).values
+        per_row = lambda t: t.to(c.dtype)[:, None].expand(N, S)
+        return torch.stack([
+            c, certainty, m,
+            (torch.arange(S, device=c.device, dtype=c.dtype) / S)[None].expand(N, S),
+            cp[:, :-2], cp[:, 2:], mp[:, :-2], mp[:, 2:],
+            m.mean(dim=1, keepdim=True).expand(N, S), least.clamp(max=2.0).expand(N, S),
+            (per_row(step) / 8).clamp(max=1), (per_row(block) / 8).clamp(max=1)], dim=-1)
+
+    def head(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs).squeeze(-1)                   # [N, S, F] -> [N, S] logits
+
+    def net_rows(self, confidence, correct, masked, block, step):
+        """What `net` trains on: one row per masked position (committed positions are never decided again, so
+        their labels would only add noise): features [P, F], targets [P, 1], all of them decisions."""
+        inputs = self.inputs(confidence, masked, block, step)[masked]
+        target = correct[masked][:, None]
+        return inputs, target, torch.ones_like(target, dtype=torch.bool)
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "features": list(self.FEATURES)}
+
+
+VARIANTS = {"paper": FilterMLP, "context": ContextFilter}
+
+
+def make_filter(variant: str, block_size: int, hidden: int | None = None, layers: int | None = None,
+                threshold: float | None = None, provenance: dict | None = None):
+    """A new filter of `variant`, its layers and default τ the variant's own unless given."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown filter variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    kw = {k: v for k, v in (("layers", layers), ("threshold", threshold)) if v is not None}
+    return VARIANTS[variant](block_size, hidden, provenance=provenance, **kw)
 
 
 def _uris(path: str | os.PathLike) -> tuple[str, str]:
@@ -52,7 +142,7 @@ def _uris(path: str | os.PathLike) -> tuple[str, str]:
     return weights, weights[: -len(".safetensors")] + ".json"
 
 
-def save_filter(filt: FilterMLP, path: str | os.PathLike) -> str:
+def save_filter(filt: nn.Module, path: str | os.PathLike) -> str:
     """Write weights and sidecar into directory `path` (local or s3://), each atomically."""
     weights, sidecar = _uris(path)
     storage.write_bytes(weights, save({k: v.detach().cpu().contiguous() for k, v in filt.state_dict().items()}))
@@ -60,13 +150,14 @@ def save_filter(filt: FilterMLP, path: str | os.PathLike) -> str:
     return weights
 
 
-def load_filter(path: str | os.PathLike) -> FilterMLP:
+def load_filter(path: str | os.PathLike) -> nn.Module:
     weights, sidecar = _uris(path)
     if not storage.exists(weights) or not storage.exists(sidecar):
         raise ConfigError(f"no filter at {path}: expected {WEIGHTS_NAME} and {SIDECAR_NAME}; "
                           "train one with jobs/train_filter.py or pass the directory that holds them")
     meta = storage.read_json(sidecar)
-    filt = FilterMLP(meta["block_size"], meta["hidden"], meta["layers"], meta.get("threshold", 0.96), meta.get("provenance"))
+    filt = make_filter(meta.get("variant", "paper"), meta["block_size"], meta["hidden"], meta["layers"],
+                       meta.get("threshold"), meta.get("provenance"))
     try:
         filt.load_state_dict(load(storage.read_bytes(weights)))
     except RuntimeError as e:
@@ -74,22 +165,17 @@ def load_filter(path: str | os.PathLike) -> FilterMLP:
     return filt.eval()
 
 
-def filter_loss(filt: FilterMLP, confidence: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits of the filter against the oracle's correct flags (paper eq. 6)."""
-    return nn.functional.binary_cross_entropy_with_logits(filt(confidence), correct.to(confidence.dtype))
-
-
 class FitRows:
-    """Trace rows made ready for many full-batch epochs: confidences with a ones column appended (it folds
-    each layer's bias into its matmul), cast once to the compute dtype, the transposed copy that the first
+    """A filter's net rows (`net_rows`) made ready for many full-batch epochs: inputs with a ones column appended
+    (it folds each layer's bias into its matmul), cast once to the compute dtype, the transposed copy that the first
     layer's weight gradient reads (a contiguous [S+1, N] matmul is ~1.6x faster than a transposed view), and
     scratch tensors that every epoch reuses: fresh ~10 MB tensors each epoch can cost more than the arithmetic
     (glibc may serve them with mmap, so every epoch page-faults them in anew; seen inside Ray workers)."""
 
-    def __init__(self, confidence: torch.Tensor, correct: torch.Tensor, dtype: torch.dtype = torch.float32):
-        n = confidence.shape[0]
-        ones = torch.ones(n, 1, dtype=dtype, device=confidence.device)
-        self.x = torch.cat([confidence.to(dtype), ones], dim=1)
+    def __init__(self, inputs: torch.Tensor, correct: torch.Tensor, dtype: torch.dtype = torch.float32):
+        n = inputs.shape[0]
+        ones = torch.ones(n, 1, dtype=dtype, device=inputs.device)
+        self.x = torch.cat([inputs.to(dtype), ones], dim=1)
         self.xT = self.x.T.contiguous()
         self.y = correct.to(dtype)
         self.dtype, self._scratch = dtype, {}
@@ -106,8 +192,9 @@ class FitRows:
         return t
 
 
-def bce_gradients(filt: FilterMLP, rows: FitRows, scale: float) -> None:
-    """Set every parameter's .grad to `scale` x the gradient of the summed BCE-with-logits over `rows`.
+def bce_gradients(filt: nn.Module, rows: FitRows, scale: float) -> None:
+    """Set every parameter's .grad to `scale` x the gradient of the summed BCE-with-logits of `filt.net` (an MLP:
+    Linear layers with ReLU between, as both variants have) over `rows` (from `filt.net_rows`).
 
     Written out rather than through autograd: a full-batch epoch over ~10^5 rows is a few 32-wide matmuls and
     elementwise passes, all memory-bound, and autograd's version makes twice the passes (separate bias adds and
@@ -134,15 +221,21 @@ def bce_gradients(filt: FilterMLP, rows: FitRows, scale: float) -> None:
             grad = torch.ops.aten.threshold_backward.grad_input(below, acts[i][:, :-1], 0, grad_input=below)
 
 
-def fit_filter(confidence, correct, *, epochs: int = 2000, lr: float = 1e-3, hidden: int | None = None,
-               layers: int = 2, seed: int = 0, provenance: dict | None = None) -> FilterMLP:
-    """Full-batch AdamW fit on one process: traces [N, S] confidences and [N, S] correct flags.
-    The Ray Train job distributes this same loss and gradient; this is the small in-process path."""
-    confidence = torch.as_tensor(confidence, dtype=torch.float32)
-    rows = FitRows(confidence, torch.as_tensor(correct))
+def fit_filter(confidence, correct, masked=None, block=None, step=None, *, variant: str = "paper",
+               epochs: int = 2000, lr: float = 1e-3, hidden: int | None = None, layers: int | None = None, seed: int = 0,
+               provenance: dict | None = None) -> nn.Module:
+    """Full-batch AdamW fit on one process: traces [N, S] confidences and correct flags ([N, S] masked, [N] block
+    and step for the context filter). The Ray Train job distributes this same loss; this is the small in-process path."""
+    def tensor(t):   # numpy copies: arrays read from Arrow are read-only
+        return t if t is None or torch.is_tensor(t) else torch.from_numpy(np.array(t))
+    confidence = tensor(confidence).float()
+    correct, block, step = tensor(correct), tensor(block), tensor(step)
+    masked = torch.ones_like(correct, dtype=torch.bool) if masked is None else tensor(masked).bool()
     torch.manual_seed(seed)
-    filt = FilterMLP(confidence.shape[1], hidden, layers, provenance=provenance)
+    filt = make_filter(variant, confidence.shape[1], hidden, layers, provenance=provenance)
     opt = torch.optim.AdamW(filt.parameters(), lr=lr)
+    x, y, _ = filt.net_rows(confidence, correct, masked, block, step)
+    rows = FitRows(x, y)
     for _ in range(epochs):
         bce_gradients(filt, rows, 1.0 / max(rows.y.numel(), 1))
         opt.step()
@@ -176,3 +269,24 @@ def commit_metrics(counts: np.ndarray, taus) -> dict:
     """precision = P(oracle agrees | filter commits); recall = P(filter commits | oracle would commit)."""
     return {f"{tau:g}": {"precision": c[1] / c[0] if c[0] else None, "recall": c[1] / c[2] if c[2] else None,
                          "committed": int(c[0])} for tau, c in zip(taus, counts)}
+
+
+CALIBRATION_EDGES = (0.0, 0.5, 0.8, 0.9, 0.96, 0.99, 0.999, 1.0)   # fine near 1, where the commit thresholds sit
+
+
+def calibration(prob, correct, edges=CALIBRATION_EDGES) -> dict:
+    """How well predicted probabilities match observed rates: per bin [lo, hi) (the last one closed) the count, mean
+    predicted probability and observed share of correct labels; and the expected calibration error, the
+    count-weighted mean of |predicted - observed| (0 = calibrated)."""
+    prob, correct = np.asarray(prob, dtype=np.float64).ravel(), np.asarray(correct, dtype=bool).ravel()
+    which = np.clip(np.searchsorted(edges, prob, side="right") - 1, 0, len(edges) - 2)
+    bins, gap = [], 0.0
+    for b in range(len(edges) - 1):
+        sel = which == b
+        n = int(sel.sum())
+        if n:
+            mean_p, seen = float(prob[sel].mean()), float(correct[sel].mean())
+            bins.append({"lo": edges[b], "hi": edges[b + 1], "n": n, "predicted": mean_p, "observed": seen})
+            gap += n * abs(mean_p - seen)
+    return {"bins": bins, "ece": gap / max(len(prob), 1)}
+

@@ -19,7 +19,8 @@ def collect_egp(model: DiffusionLM, prompts: Sequence, gen_length: int = 256, bl
     return refs, egp
 
 
-def trace_matrix(results: Sequence[GenerationResult]) -> tuple[np.ndarray, np.ndarray]:
-    """All records of EGP results stacked: confidences [N, S] float32 and correct flags [N, S] bool."""
+def trace_matrix(results: Sequence[GenerationResult]) -> dict[str, np.ndarray]:
+    """All records of EGP results stacked, as a filter's fit takes them: confidence [N, S] float32, correct and
+    masked [N, S] bool, block and step [N] int32."""
     traces = [r.trace for r in results if r.trace is not None and len(r.trace.block)]
-    return np.concatenate([t.confidence for t in traces]), np.concatenate([t.correct for t in traces])
+    return {k: np.concatenate([getattr(t, k) for t in traces]) for k in ("confidence", "correct", "masked", "block", "step")}

@@ -48,8 +48,9 @@ def egp_rule(confidence, masked, predicted, reference):
     return match | (_at_least_one(confidence, masked) & ~match.any(dim=-1, keepdim=True))
 
 
-def learn2pd_rule(confidence, masked, filt, tau: float, k: torch.Tensor):
-    """Learn2PD: masked positions the filter accepts (sigmoid(filter(confidence)) > τ), together with the
-    vanilla top-k. `filt` maps [R, S] confidences to [R, S] logits (a FilterMLP)."""
-    logits = filt(confidence.to(next(filt.parameters()).dtype))
+def learn2pd_rule(confidence, masked, filt, tau: float, k: torch.Tensor, block: torch.Tensor, step: torch.Tensor):
+    """Learn2PD: masked positions the filter accepts (sigmoid(logit) > τ), together with the vanilla top-k.
+    `filt` maps the block's [R, S] confidences and masks and each row's block index and step [R] to [R, S]
+    logits (a filter of learn2pd_core.filter; the paper's reads the confidences only)."""
+    logits = filt(confidence.to(next(filt.parameters()).dtype), masked, block, step)
     return (masked & (torch.sigmoid(logits) > tau)) | top_k(confidence, masked, k)

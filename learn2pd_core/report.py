@@ -36,14 +36,15 @@ def _png(fig) -> bytes:
 
 
 def tradeoff_png(summary: list[dict]) -> bytes:
-    """Accuracy against tokens per forward, one panel per benchmark x gen length: the τ sweeps of threshold
-    and learn2pd as curves, the other methods as single points."""
+    """Accuracy against tokens per forward, one panel per benchmark x gen length: every τ sweep (methods
+    'name@τ' together with 'name' itself at its default τ) as a curve, the other methods as single points."""
     plt = _pyplot()
     panels = sorted({(r["benchmark"], r["gen_length"]) for r in summary})
+    swept = {r["method"].partition("@")[0] for r in summary if "@" in r["method"]}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
     for ax, (bench, gen) in zip(axes[0], panels):
         rows = [r for r in summary if (r["benchmark"], r["gen_length"]) == (bench, gen)]
-        for fam in ("threshold", "learn2pd"):
+        for fam in sorted(swept):
             curve = sorted((r["threshold"], r["tpf"], r["accuracy"]) for r in rows
                            if r["method"].partition("@")[0] == fam)
             if curve:
@@ -51,7 +52,7 @@ def tradeoff_png(summary: list[dict]) -> bytes:
                 for tau, x, y in curve:
                     ax.annotate(f"{tau:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for r in rows:
-            if "@" not in r["method"] and r["method"] not in ("threshold", "learn2pd"):
+            if r["method"].partition("@")[0] not in swept:
                 ax.scatter([r["tpf"]], [r["accuracy"]], marker="s", zorder=3, label=r["method"])
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
@@ -61,6 +62,30 @@ def tradeoff_png(summary: list[dict]) -> bytes:
         ax.set_title(f"{bench}, gen {gen}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def reliability_png(curves: dict[str, dict]) -> bytes:
+    """Reliability diagram: observed share of correct labels against mean predicted probability per bin, one
+    line per rule ({name: learn2pd_core.filter.calibration(...)}); the diagonal is perfect calibration. The
+    probability axis is -log10(1 - p), which spreads the bins near 1 where commit thresholds sit."""
+    import math
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    scale = lambda p: -math.log10(max(1 - p, 1e-5))
+    ax.plot([0, 5], [0, 5], color="grey", linestyle=":", label="calibrated")
+    for name, cal in curves.items():
+        pts = [(scale(b["predicted"]), scale(b["observed"]), b["n"]) for b in cal["bins"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} (ECE {cal['ece']:.4f})")
+    ticks = [0.5, 0.9, 0.99, 0.999, 0.9999]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_ticks([scale(t) for t in ticks])
+        axis.set_ticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("mean predicted P(already right)")
+    ax.set_ylabel("observed share already right")
+    ax.set_title("Calibration on held-out traces (masked positions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from conftest import prompts_of_lengths
-from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, generate
+from learn2pd_core import ConfigError, ContextFilter, DecodeConfig, FilterMLP, generate
 
 PROMPTS = prompts_of_lengths(5, 11, 3, 8)
 
 
-def _filter():
+def _filter(variant=FilterMLP):
     torch.manual_seed(0)
-    return FilterMLP(block_size=8).double()
+    return variant(block_size=8).double()
 
 
 def _policies():
@@ -22,11 +22,12 @@ def _policies():
     yield "factor", dict(policy="factor", factor=2.0)
     yield "egp", dict(policy="egp", references="vanilla")
     yield "learn2pd", dict(policy="learn2pd", filter=_filter(), threshold=0.5)
+    yield "learn2pd-context", dict(policy="learn2pd", filter=_filter(ContextFilter), threshold=0.5)
 
 
 def _cases():
     for name, kw in _policies():
-        for eotp in (None, "commit", "predict"):
+        for eotp in (None, "block", "commit", "predict"):
             yield f"{name}{'+eotp-' + eotp if eotp else ''}", {**kw, "eotp": eotp}
 
 
@@ -128,7 +129,8 @@ def test_cache_memory_follows_the_rows_still_decoding(llada_eos_toy):
 
 def test_method_names_compose_with_the_cache():
     cfg = DecodeConfig.from_method("learn2pd+eotp+dual@0.9", gen_length=32, block_size=8, filter=FilterMLP(8))
-    assert (cfg.policy, cfg.eotp, cfg.cache, cfg.tau) == ("learn2pd", "commit", "dual", 0.9)
+    assert (cfg.policy, cfg.eotp, cfg.cache, cfg.tau) == ("learn2pd", "block", "dual", 0.9)
+    assert DecodeConfig.from_method("vanilla+eotp-commit", gen_length=32, block_size=8).eotp == "commit"
     cfg = DecodeConfig.from_method("threshold+prefix", gen_length=32, block_size=8)
     assert (cfg.policy, cfg.eotp, cfg.cache) == ("threshold", None, "prefix")
     assert DecodeConfig.from_method("vanilla+dual+eotp-predict", gen_length=32, block_size=8).eotp == "predict"

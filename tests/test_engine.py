@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import EOS, MASK, prompts_of_lengths
-from learn2pd_core import ConfigError, DecodeConfig, FilterMLP, generate
+from learn2pd_core import ConfigError, ContextFilter, DecodeConfig, FilterMLP, generate
 from reference import llada_generate
 
 PROMPTS = prompts_of_lengths(5, 11, 3, 8)
@@ -28,9 +28,9 @@ def test_vanilla_matches_llada_reference(models, gen_length, block_size, steps):
         assert sum(res.tokens_per_step) == gen_length
 
 
-def _filter(seed=0):
+def _filter(seed=0, variant=FilterMLP):
     torch.manual_seed(seed)
-    return FilterMLP(block_size=8).double()
+    return variant(block_size=8).double()
 
 
 def _configs():
@@ -41,10 +41,15 @@ def _configs():
     yield "factor", dict(policy="factor", factor=2.0)
     yield "egp", dict(policy="egp", references="vanilla")
     yield "learn2pd", dict(policy="learn2pd", filter=_filter(), threshold=0.5)
+    # reads each row's own block, step and masks: rows in different blocks share the forward
+    yield "learn2pd-context", dict(policy="learn2pd", filter=_filter(variant=ContextFilter), threshold=0.5)
     yield "vanilla+eotp", dict(policy="vanilla", eotp="commit")
     yield "threshold+eotp-predict", dict(policy="threshold", threshold=0.5, eotp="predict")
     yield "egp+eotp", dict(policy="egp", references="vanilla", eotp="commit")
     yield "learn2pd+eotp", dict(policy="learn2pd", filter=_filter(), threshold=0.5, eotp="commit")
+    yield "vanilla+eotp-block", dict(policy="vanilla", eotp="block")
+    yield "learn2pd-context+eotp-block", dict(policy="learn2pd", filter=_filter(variant=ContextFilter), threshold=0.5,
+                                              eotp="block")
 
 
 @pytest.mark.parametrize("name,kw", list(_configs()), ids=[n for n, _ in _configs()])
@@ -63,7 +68,7 @@ def test_batched_equals_per_row(models, name, kw):
             for field in ("block", "step", "predicted", "correct", "masked"):
                 np.testing.assert_array_equal(getattr(b.trace, field), getattr(single.trace, field))
             np.testing.assert_allclose(b.trace.confidence, single.trace.confidence, rtol=1e-4)  # float32 parts of the model
-    if name in ("threshold", "factor", "egp", "learn2pd"):
+    if name in ("threshold", "factor", "egp", "learn2pd", "learn2pd-context"):
         assert max(n for r in batched for n in r.tokens_per_step) > 1, "the rule never committed in parallel"
 
 
@@ -153,6 +158,25 @@ def test_eotp_stops_decoding_after_end_of_text(models, mode):
         assert all(n == 0 for n in cut.forwards_per_block[first // 8 + 1:])
         assert cut.nfe < plain.nfe and cut.nfe == len(rec.inputs)
         assert cut.answer_tokens == first
+
+
+@pytest.mark.parametrize("policy", ["vanilla", "threshold", "learn2pd"])
+def test_block_eotp_gives_the_answer_decoding_without_it_gives(models, policy):
+    # EoTP "block" cuts only once the end-of-text's block is complete: the answer is exactly the no-EoTP answer,
+    # and every later block is skipped.
+    eos_toy = models[1]
+    kw = dict(gen_length=64, block_size=8, policy=policy, threshold=0.5,
+              filter=_filter(variant=ContextFilter) if policy == "learn2pd" else None)
+    plain = generate(eos_toy, PROMPTS, DecodeConfig(**kw))
+    block = generate(eos_toy, PROMPTS, DecodeConfig(**kw, eotp="block"))
+    assert DecodeConfig(**kw, eotp=True).eotp == "block"
+    for p, b in zip(plain, block):
+        first = p.token_ids.index(EOS)
+        assert (b.text, b.answer_tokens, b.token_ids[:first + 1]) == (p.text, p.answer_tokens, p.token_ids[:first + 1])
+        assert all(t == EOS for t in b.token_ids[first:])
+        done = first // 8 + 1   # blocks up to the end-of-text's: decoded as without EoTP; later ones skipped
+        assert b.forwards_per_block[:done] == p.forwards_per_block[:done]
+        assert all(n == 0 for n in b.forwards_per_block[done:]) and b.nfe < p.nfe
 
 
 def test_eotp_never_truncates_before_committed_tokens(eos_toy):

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from learn2pd_core import DecodeConfig, generate, load_filter, load_model, storage
+from learn2pd_core import ContextFilter, DecodeConfig, FilterMLP, generate, load_filter, load_model, storage
 from learn2pd_core.tiny.tasks import instruction_examples
 from learn2pd_core.traces import collect_batch
 
@@ -59,7 +59,8 @@ def fitted(traces, tmp_path_factory):
 def test_fit_beats_the_base_rate_and_the_filter_decodes(fitted, model):
     out, proc = fitted
     m = json.loads(Path(out, "metrics.json").read_text())
-    assert m["parameters"] == 2112 and m["block_size"] == 32
+    assert m["parameters"] == ContextFilter(32).metadata()["parameters"] and m["block_size"] == 32
+    assert m["variant"] == "context"   # the default
     assert m["best_val_loss"] < 0.75 * m["base_rate_val_loss"], m
     assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
     assert set(m["commit"]) == {"0.9", "0.96", "0.99"}
@@ -69,7 +70,7 @@ def test_fit_beats_the_base_rate_and_the_filter_decodes(fitted, model):
     assert "best epoch" in proc.stdout.splitlines()[-1]
 
     filt = load_filter(out)
-    assert filt.provenance["model"] == MODEL and filt.threshold == 0.96
+    assert isinstance(filt, ContextFilter) and filt.provenance["model"] == MODEL and filt.threshold == 0.99
     prompts = [e["prompt"] for e in instruction_examples(1, seed=4)][:6]
     vanilla = generate(model, prompts, DecodeConfig(gen_length=64, block_size=32))
     fast = generate(model, prompts, DecodeConfig(gen_length=64, block_size=32, policy="learn2pd", filter=out))
@@ -99,11 +100,11 @@ def test_two_workers_and_s3_output_give_the_same_filter(fitted, traces, s3_serve
     curve = lambda m: np.array([[h["train_loss"], h["val_loss"]] for h in m["history"]])
     assert np.allclose(curve(two), curve(one), rtol=2e-2), (curve(two)[-3:], curve(one)[-3:])
     assert two["base_rate_val_loss"] == pytest.approx(one["base_rate_val_loss"], rel=1e-2)
-    assert load_filter(uri).metadata()["parameters"] == 2112
+    assert load_filter(uri).metadata()["parameters"] == one["parameters"]
     assert storage.exists(f"{uri}/loss_curve.png")
 
 
-def test_non_finite_rows_are_dropped_and_reported(traces, tmp_path):
+def test_non_finite_rows_are_dropped_and_reported_and_the_paper_variant_fits(traces, tmp_path):
     table = storage.read_dataset(storage.join(traces, "traces"))
     conf = np.array(table.column("confidence").to_pylist(), dtype=np.float32)
     conf[0, 3] = np.nan
@@ -111,10 +112,15 @@ def test_non_finite_rows_are_dropped_and_reported(traces, tmp_path):
     bad = table.set_column(table.schema.get_field_index("confidence"), "confidence",
                            pa.array(conf.tolist(), pa.list_(pa.float32())))
     src = write_traces(str(tmp_path / "nan"), bad)
-    proc = train_filter("--traces", src, "--output", str(tmp_path / "out"), "--epochs", "20", "--report-every", "20")
+    # also the paper's variant (one Ray Train run less in the suite): its 2,112-parameter MLP and τ 0.96
+    proc = train_filter("--traces", src, "--output", str(tmp_path / "out"), "--epochs", "20", "--report-every", "20",
+                        "--variant", "paper")
     assert f"dropping 2 of {table.num_rows} trace rows" in proc.stdout
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["dropped_non_finite"] == 2 and np.isfinite(m["best_val_loss"])
+    assert (m["variant"], m["parameters"]) == ("paper", 2112)
+    filt = load_filter(str(tmp_path / "out"))
+    assert isinstance(filt, FilterMLP) and filt.threshold == 0.96
 
 
 def test_bad_trace_sets_fail_with_one_line(traces, tmp_path):
