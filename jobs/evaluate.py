@@ -76,9 +76,10 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def validate(args) -> tuple[list[str], str | None]:
+def validate(args) -> tuple[list[str], str | None, dict]:
     """Everything that can be known before Ray starts or a model loads: the settings, every method at every gen
-    length, the model's files, and the filter and its block size. Returns (methods, filter URI or None)."""
+    length, the model's files, and the filter and its block size. Returns (methods, filter URI or None, the
+    filter's metadata or {})."""
     from learn2pd_core import load_filter
     for name in ("limit", "long_limit", "batch_size", "num_actors", "shots"):
         value = getattr(args, name)
@@ -106,7 +107,7 @@ def validate(args) -> tuple[list[str], str | None]:
         for m in methods:   # gen length vs block size, the filter's block size, thresholds: one line each
             DecodeConfig.from_method(m, gen_length=gen, block_size=args.block_size, filter=filt,
                                      references=[[0] * gen] if m.startswith("egp") else None)
-    return methods, (args.filter if filt is not None else None)
+    return methods, (args.filter if filt is not None else None), (filt.metadata() if filt is not None else {})
 
 
 def example_rows(args) -> list[dict]:
@@ -270,7 +271,7 @@ def write_report(args, manifest: dict, keys: set[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    methods, filter_uri = validate(args)
+    methods, filter_uri, filter_meta = validate(args)
     cpu_default = args.long_limit is None and args.model == "tiny" and not _has_cuda()
     if cpu_default:
         args.long_limit = 6
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
         if cpu_default:
             console.say("evaluate: gen lengths above 256 use 6 examples per benchmark (the CPU default; "
                         "--long-limit changes it)")
-        return run(args, methods, filter_uri, rows)
+        return run(args, methods, filter_uri, filter_meta, rows)
 
 
 def _has_cuda() -> bool:
@@ -290,13 +291,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run(args, methods: list[str], filter_uri: str | None, rows: list[dict]) -> int:
+def run(args, methods: list[str], filter_uri: str | None, filt: dict, rows: list[dict]) -> int:
     import ray
     import torch
     import transformers
 
-    from learn2pd_core import load_filter
-    filt = load_filter(filter_uri).metadata() if filter_uri else {}
     manifest = {"stage": "evaluate", "model": args.model, "filter": filter_uri,
                 "filter_variant": filt.get("variant"), "filter_threshold": filt.get("threshold"), "benchmarks": args.benchmarks,
                 "data_dir": args.data_dir, "shots": args.shots, "methods": methods, "gen_lengths": args.gen_lengths,
