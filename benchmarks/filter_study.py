@@ -68,13 +68,15 @@ def accept_prob(filt, rows: dict) -> np.ndarray:
     return torch.sigmoid(filt(t("confidence"), t("masked"), t("block"), t("step"))).numpy()
 
 
-def held_out(prob: np.ndarray, rows: dict, tau: float | None = None) -> dict:
+def held_out(prob: np.ndarray, rows: dict, tau: float | None = None, inclusive: bool = False) -> dict:
     """Over the held-out masked positions: per τ the committed share and the wrong commits; BCE; calibration;
-    with `tau`, where that τ's wrong commits are (task, quarter of the block, first step of a block or later)."""
+    with `tau`, where that τ's wrong commits are (task, quarter of the block, first step of a block or later).
+    `inclusive`: commit at prob >= τ, as the engine's threshold rule does (the filter rule commits at > τ)."""
+    commits = (lambda q, t: q >= t) if inclusive else (lambda q, t: q > t)
     m = rows["masked"]
     where = None
     if tau is not None:
-        wrong = (prob > tau) & m & ~rows["correct"]                      # [N, S]
+        wrong = commits(prob, tau) & m & ~rows["correct"]                      # [N, S]
         at = np.nonzero(wrong)
         S = m.shape[1]
         where = {"tau": tau, "task": Counter(rows["task"][at[0]].tolist()),
@@ -83,7 +85,7 @@ def held_out(prob: np.ndarray, rows: dict, tau: float | None = None) -> dict:
     p, y = prob[m], rows["correct"][m]
     out = {"positions": int(m.sum()), "correct_share": float(y.mean())}
     for t in TAUS:
-        c = p > t
+        c = commits(p, t)
         out[f"{t:g}"] = {"committed": float(c.mean()), "wrong": int((c & ~y).sum()),
                            "wrong_per_1000": float(1000 * (c & ~y).sum() / max(c.sum(), 1))}
     q = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
@@ -212,7 +214,7 @@ def main(argv=None):
                 if share == 1.0 and setting == "paper":
                     final[variant] = filt
     default_tau = {"paper": 0.96, "context": 0.99}
-    rules = {"threshold (confidence)": held_out(accept_prob(None, val), val, 0.9)}
+    rules = {"threshold (confidence)": held_out(accept_prob(None, val), val, 0.9, inclusive=True)}
     rules.update({f"learn2pd:{v}": held_out(accept_prob(f, val), val, default_tau[v]) for v, f in final.items()})
     study = {"traces": args.traces, "held_out_prompts": len(val_ids), "train_prompts": len(train_ids),
              "rules": {"threshold": rules["threshold (confidence)"], **{k: v for k, v in rules.items() if ":" in k}},

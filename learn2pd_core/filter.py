@@ -225,7 +225,9 @@ def fit_filter(confidence, correct, masked=None, block=None, step=None, *, varia
                epochs: int = 2000, lr: float = 1e-3, hidden: int | None = None, layers: int | None = None, seed: int = 0,
                provenance: dict | None = None) -> nn.Module:
     """Full-batch AdamW fit on one process: traces [N, S] confidences and correct flags ([N, S] masked, [N] block
-    and step for the context filter). The Ray Train job distributes this same loss; this is the small in-process path."""
+    and step for the context filter). The Ray Train job distributes this same loss; this is the small in-process path.
+    The default variant is `paper` (the jobs default to `context`) because it is the one that needs nothing but the
+    confidences and flags."""
     def tensor(t):   # numpy copies: arrays read from Arrow are read-only
         return t if t is None or torch.is_tensor(t) else torch.from_numpy(np.array(t))
     confidence = tensor(confidence).float()

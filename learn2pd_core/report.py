@@ -44,16 +44,21 @@ def tradeoff_png(summary: list[dict]) -> bytes:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
     for ax, (bench, gen) in zip(axes[0], panels):
         rows = [r for r in summary if (r["benchmark"], r["gen_length"]) == (bench, gen)]
+        # One colour per curve or point (20 distinct), so no point shares a colour with a curve.
+        colours = iter(plt.get_cmap("tab20").colors * 4)
+        markers = iter("sD^vP*Xph<>" * 8)
         for fam in sorted(swept):
             curve = sorted((r["threshold"], r["tpf"], r["accuracy"]) for r in rows
                            if r["method"].partition("@")[0] == fam)
             if curve:
-                ax.plot([c[1] for c in curve], [c[2] for c in curve], marker="o", label=f"{fam} (τ sweep)")
+                ax.plot([c[1] for c in curve], [c[2] for c in curve], marker="o", color=next(colours),
+                        label=f"{fam} (τ sweep)")
                 for tau, x, y in curve:
                     ax.annotate(f"{tau:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for r in rows:
             if r["method"].partition("@")[0] not in swept:
-                ax.scatter([r["tpf"]], [r["accuracy"]], marker="s", zorder=3, label=r["method"])
+                ax.scatter([r["tpf"]], [r["accuracy"]], marker=next(markers), color=next(colours), zorder=3,
+                           label=r["method"])
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
