@@ -28,11 +28,13 @@ from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import cache_effects, evaluate_examples, summarize  # noqa: E402
 
 
-def pair_changes(results: pa.Table, method: str, base: str) -> dict:
-    """Answers gained / lost and completions changed by `method` against `base` on the examples both have."""
+def pair_changes(results: pa.Table, benchmark: str, method: str, base: str) -> dict:
+    """Answers gained / lost and completions changed by `method` against `base` on the examples of `benchmark`
+    both have."""
     by = {}
     for r in results.to_pylist():
-        by.setdefault(r["method"], {})[r["example_id"]] = r
+        if r["benchmark"] == benchmark:
+            by.setdefault(r["method"], {})[r["example_id"]] = r
     a, b = by[method], by[base]
     ids = a.keys() & b.keys()
     return {"gained": sum(a[i]["correct"] and not b[i]["correct"] for i in ids),
@@ -91,7 +93,7 @@ def main(argv=None):
           "| answers gained / lost | completions changed | tokens/s ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for e in cache_effects(results, summary):
-        ch = pair_changes(results, e["method"], e["without_cache"])
+        ch = pair_changes(results, e["benchmark"], e["method"], e["without_cache"])
         lo, hi = e["acc_diff_ci"]
         print(f"| {e['benchmark']} | {e['method']} | {e['paired_examples']} | "
               f"{accuracy[(e['benchmark'], e['without_cache'])]:.1f} | {accuracy[(e['benchmark'], e['method'])]:.1f} | "
