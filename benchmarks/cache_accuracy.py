@@ -28,14 +28,10 @@ from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import cache_effects, evaluate_examples, summarize  # noqa: E402
 
 
-def pair_changes(results: pa.Table, benchmark: str, method: str, base: str) -> dict:
+def pair_changes(rows: dict, benchmark: str, method: str, base: str) -> dict:
     """Answers gained / lost and completions changed by `method` against `base` on the examples of `benchmark`
-    both have."""
-    by = {}
-    for r in results.to_pylist():
-        if r["benchmark"] == benchmark:
-            by.setdefault(r["method"], {})[r["example_id"]] = r
-    a, b = by[method], by[base]
+    both have; `rows` maps (benchmark, method) to {example_id: result row}."""
+    a, b = rows[(benchmark, method)], rows[(benchmark, base)]
     ids = a.keys() & b.keys()
     return {"gained": sum(a[i]["correct"] and not b[i]["correct"] for i in ids),
             "lost": sum(b[i]["correct"] and not a[i]["correct"] for i in ids),
@@ -92,8 +88,11 @@ def main(argv=None):
     print("| benchmark | cached method | n | accuracy without cache % | with cache % | Δacc [95% CI] | within 2 points "
           "| answers gained / lost | completions changed | tokens/s ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    by_pair = {}   # indexed once: (benchmark, method) -> {example_id: row}
+    for r in results.to_pylist():
+        by_pair.setdefault((r["benchmark"], r["method"]), {})[r["example_id"]] = r
     for e in cache_effects(results, summary):
-        ch = pair_changes(results, e["benchmark"], e["method"], e["without_cache"])
+        ch = pair_changes(by_pair, e["benchmark"], e["method"], e["without_cache"])
         lo, hi = e["acc_diff_ci"]
         print(f"| {e['benchmark']} | {e['method']} | {e['paired_examples']} | "
               f"{accuracy[(e['benchmark'], e['without_cache'])]:.1f} | {accuracy[(e['benchmark'], e['method'])]:.1f} | "
