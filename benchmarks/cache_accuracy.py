@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import pyarrow as pa  # noqa: E402
 
-from learn2pd_core import Learn2PDError, load_filter, load_model  # noqa: E402
+from learn2pd_core import DEFAULTS, Learn2PDError, load_filter, load_model  # noqa: E402
 from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import cache_effects, evaluate_examples, summarize  # noqa: E402
 
@@ -43,8 +43,8 @@ def main(argv=None):
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--benchmarks", default="tiny,tiny-long", help="comma-separated")
     ap.add_argument("--examples", type=int, default=300, help="examples per benchmark")
-    ap.add_argument("--gen-length", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=DEFAULTS.gen_length)
+    ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--policies", default="vanilla,threshold,learn2pd", help="comma-separated; each runs +eotp "
                     "without a cache, with +prefix and with +dual")

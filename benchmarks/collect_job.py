@@ -18,7 +18,7 @@ sys.path.insert(0, JOBS)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from collect import collect_with_actors, write_batch  # noqa: E402
-from learn2pd_core import load_model  # noqa: E402
+from learn2pd_core import DEFAULTS, load_model  # noqa: E402
 from learn2pd_core.placement import plan_actors  # noqa: E402
 from learn2pd_core.prompts import load_prompts  # noqa: E402
 
@@ -27,8 +27,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--gen-length", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=DEFAULTS.gen_length)
+    ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--actors", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from learn2pd_core import Learn2PDError, load_filter, load_model
+from learn2pd_core import DEFAULTS, Learn2PDError, load_filter, load_model
 from learn2pd_core.bench import compare_methods, fit_filter_on, forward_roofline, markdown_table, roofline_lines
 from learn2pd_core.evaluation import uncached
 from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=16, help="benchmark-family prompts to decode")
     ap.add_argument("--gen-lengths", "--gen-length", dest="gen_lengths", default="256", help="comma-separated")
     ap.add_argument("--families", default="short", help="comma-separated: short, long (few-shot prompts)")
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size)
     ap.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (policy[+eotp][+prefix|+dual][@τ])")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")

@@ -30,10 +30,10 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 import train_filter  # noqa: E402  (jobs/train_filter.py: where the traces are)
-from learn2pd_core import Learn2PDError, fit_filter, load_model, storage  # noqa: E402
+from learn2pd_core import DEFAULTS, Learn2PDError, fit_filter, load_model, storage  # noqa: E402
 from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import aup, evaluate_examples, family, markdown, summarize  # noqa: E402
-from learn2pd_core.filter import calibration, validation_prompts  # noqa: E402
+from learn2pd_core.filter import calibration, make_filter, validation_prompts  # noqa: E402
 from learn2pd_core.report import reliability_png, tradeoff_png  # noqa: E402
 
 TAUS = (0.5, 0.9, 0.96, 0.99, 0.999)
@@ -140,7 +140,7 @@ def decode_study(model, filters: dict, benchmarks, n: int, gen: int, batch: int,
                        for v in filters]
         for variant, methods in groups:
             start = time.process_time()
-            res, errors = evaluate_examples(model, bench, rows, gen_length=gen, block_size=32, methods=methods,
+            res, errors = evaluate_examples(model, bench, rows, gen_length=gen, block_size=DEFAULTS.block_size, methods=methods,
                                             filter=filters.get(variant), batch_size=batch)
             if errors.num_rows:
                 print(f"{errors.num_rows} errors in {bench}, e.g. {errors.column('error')[0]}", file=sys.stderr)
@@ -178,7 +178,7 @@ def main(argv=None):
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--benchmarks", default="tiny", help="comma-separated tiny benchmark families (tiny, tiny-long)")
     ap.add_argument("--examples", type=int, default=200, help="examples per benchmark (default 200)")
-    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--gen-length", type=int, default=DEFAULTS.gen_length)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--val-fraction", type=float, default=0.25, help="share of trace prompts held out")
     ap.add_argument("--seed", type=int, default=0)
@@ -213,7 +213,7 @@ def main(argv=None):
                 print(f"fit {variant} {setting} {len(ids)} prompts: {fits[-1]['seconds']:.0f}s", file=sys.stderr)
                 if share == 1.0 and setting == "paper":
                     final[variant] = filt
-    default_tau = {"paper": 0.96, "context": 0.99}
+    default_tau = {v: make_filter(v, DEFAULTS.block_size).threshold for v in ("paper", "context")}
     rules = {"threshold (confidence)": held_out(accept_prob(None, val), val, 0.9, inclusive=True)}
     rules.update({f"learn2pd:{v}": held_out(accept_prob(f, val), val, default_tau[v]) for v, f in final.items()})
     study = {"traces": args.traces, "held_out_prompts": len(val_ids), "train_prompts": len(train_ids),
@@ -259,5 +259,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from learn2pd_core.errors import run_cli
+    from learn2pd_core.console import run_cli
     run_cli(main)

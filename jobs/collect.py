@@ -16,10 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
-from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import DecodeConfig, Learn2PDError, check_model, console, load_model, storage  # noqa: E402
-from learn2pd_core.placement import (check_same_node, check_shared_output, connect,  # noqa: E402
-                                     largest_node_cpus, plan_actors)
+from learn2pd_core.console import run_cli  # noqa: E402
+from learn2pd_core import DEFAULTS, DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
+from learn2pd_core.placement import (ModelActor, check_shared_output, connect, largest_node_cpus,  # noqa: E402
+                                     plan_actors, summaries)
 from learn2pd_core.prompts import TINY_SOURCE, load_prompts  # noqa: E402
 from learn2pd_core.traces import collect_batch  # noqa: E402
 
@@ -34,8 +34,10 @@ def parse_args(argv=None):
     ap.add_argument("--per-task", type=int, help="prompts sampled per task type with --seed (paper: 40); default all "
                                                  "(tiny: 8)")
     ap.add_argument("--limit", type=int, help="use only the first N prompts after sampling")
-    ap.add_argument("--gen-length", type=int, default=256, help="generation length (default 256)")
-    ap.add_argument("--block-size", type=int, default=32, help="block size; the filter's input width (default 32)")
+    ap.add_argument("--gen-length", type=int, default=DEFAULTS.gen_length,
+                    help=f"generation length (default {DEFAULTS.gen_length})")
+    ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
+                    help=f"block size; the filter's input width (default {DEFAULTS.block_size})")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per actor batch, decoded together (default 16)")
     ap.add_argument("--num-actors", type=int, default=None,
                     help="model replicas, one per actor (default: one per GPU, or one per CPU on a CPU-only cluster, where the "
@@ -77,31 +79,14 @@ def write_batch(model, rows: list[dict], output: str, **settings) -> dict:
     return {"prompts": [len(rows)], "trace_rows": [traces.num_rows], "errors": [errors.num_rows]}
 
 
-class CollectActor:
+class CollectActor(ModelActor):
     """One model replica: load in __init__, collect a batch in __call__ (Ray's batch-inference pattern)."""
+    COUNTS = ("prompts", "trace_rows", "errors")
 
-    def __init__(self, model: str, output: str, gen_length: int, block_size: int, chat: bool, shared_output: bool,
-                 driver_node: str):
-        self.output, self.settings = output, dict(gen_length=gen_length, block_size=block_size, chat=chat)
-        try:
-            check_same_node(output, shared_output, driver_node)
-            self.model, self.failure = load_model(model), None
-        except Learn2PDError as e:
-            # Raised from __init__, Ray would restart the actor to fail the same way again and again; reported
-            # with the first batch, it fails the job once, with this one line. (A crashed actor is still replaced.)
-            self.failure = e
-
-    def __call__(self, batch: dict) -> dict:
-        if self.failure is None:
-            rows = [{"prompt_id": str(p), "task": str(t), "prompt": q}
-                    for p, t, q in zip(batch["prompt_id"], batch["task"], batch["prompt"])]
-            try:
-                return {**write_batch(self.model, rows, self.output, **self.settings), "failure": [""]}
-            except Learn2PDError as e:   # e.g. the output's storage is gone: no later batch can be written either
-                self.failure = e
-        # Returned, not raised: Ray would bury the one line in pages of its own traceback (and not keep the
-        # exception); the driver raises it.
-        return {"prompts": [0], "trace_rows": [0], "errors": [0], "failure": [str(self.failure)]}
+    def process(self, batch: dict) -> dict:
+        rows = [{"prompt_id": str(p), "task": str(t), "prompt": q}
+                for p, t, q in zip(batch["prompt_id"], batch["task"], batch["prompt"])]
+        return write_batch(self.model, rows, self.output, **self.settings)
 
 
 def collect_with_actors(rows: list[dict], output: str, *, model: str, gen_length: int, block_size: int, chat: bool,
@@ -117,10 +102,7 @@ def collect_with_actors(rows: list[dict], output: str, *, model: str, gen_length
         fn_constructor_kwargs=dict(model=model, output=output, gen_length=gen_length, block_size=block_size,
                                    chat=chat, shared_output=shared_output,
                                    driver_node=ray.get_runtime_context().get_node_id()))
-    for summary in ds.iter_rows():
-        if summary["failure"]:
-            raise Learn2PDError(summary["failure"])
-        yield summary
+    yield from summaries(ds)
 
 
 def finished_prompt_ids(output: str) -> set[str]:

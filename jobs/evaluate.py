@@ -23,15 +23,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
-from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
-from learn2pd_core.evaluation import (aup_table, cache_effects, evaluate_examples, expand_methods,  # noqa: E402
-                                      markdown, summarize, target_checks)
-from learn2pd_core.placement import (check_same_node, check_shared_output, connect,  # noqa: E402
-                                     largest_node_cpus, plan_actors)
+from learn2pd_core.console import run_cli  # noqa: E402
+from learn2pd_core import DEFAULTS, DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
+from learn2pd_core.evaluation import (DEFAULT_METHODS, aup_table, cache_effects, evaluate_examples,  # noqa: E402
+                                      exact_form, expand_methods, markdown, summarize, target_checks)
+from learn2pd_core.placement import (ModelActor, check_shared_output, connect, largest_node_cpus,  # noqa: E402
+                                     plan_actors, summaries)
 
-METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp,threshold+dual,learn2pd+eotp+dual"
-SWEEP = "0.5,0.7,0.8,0.9,0.95,0.99"
+METHODS = ",".join(DEFAULT_METHODS)
+SWEEP_EXAMPLE = "0.5,0.7,0.9,0.95,0.99"
+TIMED_BATCHES = 2
 PAPER = ("paper (LLaDA-8B-Instruct, GSM8K 5-shot, A100): Learn2PD+EoTP 4.21x over vanilla at gen 256 "
          "(78.62 vs 78.70), 22.58x at gen 1024 (79.83 vs 77.60)")
 
@@ -51,14 +52,21 @@ def parse_args(argv=None):
     ap.add_argument("--data-dir", help="local benchmark data (e.g. ../shared/data) instead of the Hugging Face hub")
     ap.add_argument("--shots", type=int, help="few-shot examples (default per benchmark: gsm8k 5, math 4, humaneval 0, mbpp 3)")
     ap.add_argument("--methods", default=METHODS,
-                    help=f"comma list of policies with optional +eotp, +prefix/+dual (KV cache, LLaDA checkpoints) "
-                         f"and @τ (default {METHODS}); vanilla always runs")
-    ap.add_argument("--sweep", default=SWEEP,
-                    help=f"τ values swept for threshold and learn2pd, for the trade-off plot and AUP (default {SWEEP}; "
-                         "'' for none)")
+                    help=f"comma list of policies (vanilla, threshold, factor, learn2pd, egp) with optional +eotp, "
+                         f"+prefix/+dual (KV cache, LLaDA checkpoints) and @τ (default {METHODS}); vanilla always runs")
+    ap.add_argument("--sweep", default="",
+                    help=f"τ values swept for threshold+eotp and learn2pd+eotp, for the trade-off figure and AUP "
+                         f"(e.g. {SWEEP_EXAMPLE}; default: none)")
+    ap.add_argument("--timed-batches", type=int,
+                    help=f"batches per benchmark and gen length in which the methods without EoTP are decoded as "
+                         f"themselves, for their speed; elsewhere their +eotp form gives their (identical) answers "
+                         f"(default {TIMED_BATCHES}; 1 for the tiny model on a CPU)")
+    ap.add_argument("--full", action="store_true",
+                    help="decode every method on every example (no timed sample)")
     ap.add_argument("--gen-length", "--gen-lengths", dest="gen_lengths", type=int_list, default=[256, 1024],
                     help="comma list of generation lengths (default 256,1024)")
-    ap.add_argument("--block-size", type=int, default=32, help="block size (default 32; must match the filter)")
+    ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
+                    help=f"block size (default {DEFAULTS.block_size}; must match the filter)")
     ap.add_argument("--limit", type=int, help="examples per benchmark (default: all; tiny: its default set)")
     ap.add_argument("--long-limit", type=int,
                     help="examples per benchmark at gen lengths above 256 (default: --limit, and 6 for the tiny model "
@@ -81,32 +89,36 @@ def validate(args) -> tuple[list[str], str | None, dict]:
     length, the model's files, and the filter and its block size. Returns (methods, filter URI or None, the
     filter's metadata or {})."""
     from learn2pd_core import load_filter
-    for name in ("limit", "long_limit", "batch_size", "num_actors", "shots"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "shots" else 1):
-            raise Learn2PDError(f"--{name.replace('_', '-')} must be at least {0 if name == 'shots' else 1} (got {value})")
+    for name in ("limit", "long_limit", "batch_size", "num_actors", "shots", "timed_batches"):
+        value, least = getattr(args, name), 0 if name in ("shots", "timed_batches") else 1
+        if value is not None and value < least:
+            raise Learn2PDError(f"--{name.replace('_', '-')} must be at least {least} (got {value})")
     if not args.gen_lengths:
         raise Learn2PDError("--gen-lengths is empty: give at least one generation length, e.g. 256")
     try:
         sweep = [float(t) for t in args.sweep.split(",") if t]
     except ValueError:
         raise Learn2PDError(f"--sweep {args.sweep!r} is not a comma list of thresholds, e.g. 0.9,0.99") from None
-    methods = expand_methods([m for m in args.methods.split(",") if m], sweep)
+    requested = [m for m in args.methods.split(",") if m]
+    for m in requested:
+        DecodeConfig.from_method(m)   # the method's one-line error before any file is read
     model_type = check_model(args.model)
-    if model_type != "llada" and any("+prefix" in m or "+dual" in m for m in methods):
+    if model_type != "llada" and any(DecodeConfig.from_method(m).cache for m in requested):
         raise Learn2PDError(f"--model {args.model} is a {model_type or 'non-LLaDA'} checkpoint: the KV cache "
                             "(+prefix, +dual) needs a LLaDA checkpoint; drop those methods from --methods")
     filt = None
-    if any(m.startswith("learn2pd") for m in methods):
+    if any(DecodeConfig.from_method(m).policy == "learn2pd" for m in requested):
         if not (storage.exists(storage.join(args.filter, "filter.safetensors"))
                 or (args.filter.endswith(".safetensors") and storage.exists(args.filter))):
             raise Learn2PDError(f"no filter at {args.filter}: run jobs/train_filter.py first, pass --filter to its "
                                 "output, or drop the learn2pd methods from --methods")
         filt = load_filter(args.filter)
+    methods = expand_methods(requested, sweep, filt)   # τ defaults resolved: no method twice under two names
     for gen in args.gen_lengths:
         for m in methods:   # gen length vs block size, the filter's block size, thresholds: one line each
-            DecodeConfig.from_method(m, gen_length=gen, block_size=args.block_size, filter=filt,
-                                     references=[[0] * gen] if m.startswith("egp") else None)
+            cfg = DecodeConfig.from_method(m, gen_length=gen, block_size=args.block_size)
+            if cfg.policy == "learn2pd":
+                cfg.check_request(filt)
     return methods, (args.filter if filt is not None else None), (filt.metadata() if filt is not None else {})
 
 
@@ -127,61 +139,50 @@ def key(row) -> str:
     return f"{row['benchmark']}/{row['gen_length']}/{row['example_id']}"
 
 
-def chunks(rows: list[dict], batch_size: int, actors: int) -> list[dict]:
-    """The decoding batches, formed here rather than by Ray Data: one benchmark and gen length each, at most
-    `batch_size` examples, and small enough that a group's examples spread over every actor (a lone batch of
-    gen-1024 examples on one actor would otherwise leave the others idle); longest generations first."""
+def chunks(rows: list[dict], done: set[str], batch_size: int, actors: int, timed_batches: int | None) -> list[dict]:
+    """The decoding batches of the rows not `done`, formed here rather than by Ray Data: one benchmark and gen
+    length each, at most `batch_size` examples, and small enough that a group's examples spread over every actor (a
+    lone batch of gen-1024 examples on one actor would otherwise leave the others idle). The first `timed_batches`
+    of each group (all when None) are timed: every method is decoded there as itself. Batches are cut from all rows,
+    done or not, so a resumed run times the same examples. The longest work goes first: timed batches (vanilla
+    decodes every token), then longer generations first."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["benchmark"], r["gen_length"]), []).append(r)
     out = []
     for (_, gen), group in sorted(groups.items(), key=lambda kv: -kv[0][1]):
         size = max(1, min(batch_size, -(-len(group) // actors)))
-        out += [{"rows": json.dumps(group[i:i + size])} for i in range(0, len(group), size)]
+        for n, i in enumerate(range(0, len(group), size)):
+            pending = [r for r in group[i:i + size] if key(r) not in done]
+            if pending:
+                out.append({"rows": json.dumps(pending), "timed": timed_batches is None or n < timed_batches,
+                            "gen_length": gen})
+    out.sort(key=lambda c: (not c["timed"], -c["gen_length"]))   # stable: a group's batches keep their order
     return out
 
 
-class EvaluateActor:
+class EvaluateActor(ModelActor):
     """One model replica: load in __init__, decode a batch with every method in __call__."""
+    COUNTS = ("examples", "errors")
 
-    def __init__(self, model, filter, output, methods, block_size, chat, batch_size, shared_output, driver_node):
-        from learn2pd_core import generate, load_filter, load_model
-        self.output, self.methods, self.block_size, self.chat, self.batch_size = output, methods, block_size, chat, batch_size
-        try:
-            check_same_node(output, shared_output, driver_node)
-            self.model, self.failure = load_model(model), None
-        except Learn2PDError as e:
-            # Raised from __init__, Ray would restart the actor to fail the same way again and again; reported
-            # with the first batch, it fails the job once, with this one line. (A crashed actor is still replaced.)
-            self.failure = e
-            return
+    def setup(self, filter, methods, block_size, chat, batch_size):
+        from learn2pd_core import generate, load_filter
+        self.methods, self.block_size, self.chat, self.batch_size = methods, block_size, chat, batch_size
         self.filter = load_filter(filter) if filter else None
         # The first forward passes pay one-off costs (allocator, kernels); keep them out of vanilla's timing.
         generate(self.model, [[self.model.pad_token_id + 1] * 8], DecodeConfig(gen_length=block_size, block_size=block_size))
         self.device = device_name(self.model.device)
 
-    def __call__(self, batch: dict) -> dict:
-        if self.failure is None:
-            try:
-                return {**self.evaluate_batch(batch), "failure": [""]}
-            except Learn2PDError as e:   # e.g. the output's storage is gone: no later batch can be written either
-                self.failure = e
-        # Returned, not raised: Ray would bury the one line in pages of its own traceback (and not keep the
-        # exception); the driver raises it.
-        return {"examples": [0], "errors": [0], "failure": [str(self.failure)]}
-
-    def evaluate_batch(self, batch: dict) -> dict:
+    def process(self, batch: dict) -> dict:
         import pyarrow as pa
-        rows = [r for chunk in batch["rows"] for r in json.loads(chunk)]
-        groups = {}
-        for r in rows:
-            groups.setdefault((r["benchmark"], int(r["gen_length"])), []).append(r)
+        chunks = [(json.loads(rows), bool(timed)) for rows, timed in zip(batch["rows"], batch["timed"])]
+        name = storage.part_name([key(r) for rows, _ in chunks for r in rows])
         results, errors = [], []
-        name = storage.part_name([key(r) for r in rows])
-        for (bench, gen), group in groups.items():
-            res, err = evaluate_examples(self.model, bench, group, gen_length=gen, block_size=self.block_size,
+        for rows, timed in chunks:   # each chunk is one benchmark and gen length
+            bench, gen = rows[0]["benchmark"], int(rows[0]["gen_length"])
+            res, err = evaluate_examples(self.model, bench, rows, gen_length=gen, block_size=self.block_size,
                                          methods=self.methods, filter=self.filter, chat=self.chat,
-                                         batch_size=self.batch_size, batch_id=f"{name}:{bench}:{gen}")
+                                         batch_size=self.batch_size, batch_id=f"{name}:{bench}:{gen}", timed=timed)
             results.append(res.append_column("device", pa.array([self.device] * res.num_rows, pa.string())))
             errors.append(err)
         errors = pa.concat_tables(errors)
@@ -189,7 +190,7 @@ class EvaluateActor:
         if errors.num_rows:
             storage.write_table(storage.join(self.output, "errors", name), errors)
         storage.write_table(storage.join(self.output, "results", name), pa.concat_tables(results))
-        return {"examples": [len(rows)], "errors": [errors.num_rows]}
+        return {"examples": [sum(len(rows) for rows, _ in chunks)], "errors": [errors.num_rows]}
 
 
 def device_name(device) -> str:
@@ -202,8 +203,14 @@ def device_name(device) -> str:
 def fingerprint(args, methods, filter_id) -> str:
     """What makes two runs' rows comparable: a rerun into the same --output must match it."""
     blob = json.dumps({"model": args.model, "filter": filter_id, "methods": methods, "block_size": args.block_size,
-                       "chat": not args.raw_prompts, "shots": args.shots, "data_dir": args.data_dir}, sort_keys=True)
+                       "chat": not args.raw_prompts, "shots": args.shots, "data_dir": args.data_dir,
+                       "timed_batches": timed_batches(args)}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def timed_batches(args) -> int | None:
+    """Timed batches per benchmark and gen length; None: every batch (--full)."""
+    return None if args.full else args.timed_batches
 
 
 def filter_identity(uri: str | None) -> str | None:
@@ -246,7 +253,8 @@ def write_report(args, manifest: dict, keys: set[str]) -> str:
               "summary": summary, "aup": aups, "targets": checks, "cache": cache, "errors": errors.num_rows if errors is not None else 0,
               "paper": PAPER}
     storage.write_json(storage.join(args.output, "report.json"), report)
-    light = results.select(["method", "gen_length", "forwards_per_block"]).to_pylist()
+    light = [r for r in results.select(["method", "gen_length", "forwards_per_block"]).to_pylist()
+             if r["forwards_per_block"] is not None]   # the rows where the method itself was decoded
     storage.write_bytes(storage.join(args.output, "tradeoff.png"), tradeoff_png(summary))
     storage.write_bytes(storage.join(args.output, "forwards_per_block.png"), forwards_per_block_png(light))
     body = markdown(summary, aups, checks, cache=cache)
@@ -272,17 +280,24 @@ def write_report(args, manifest: dict, keys: set[str]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     methods, filter_uri, filter_meta = validate(args)
-    cpu_default = args.long_limit is None and args.model == "tiny" and not _has_cuda()
-    if cpu_default:
+    # The tiny model on a CPU (make run): vanilla decodes one token per forward, so its timed sample and the long
+    # generations set the run's length; a few-minute demo takes 6 examples above gen 256 and 1 timed batch.
+    cpu_default = args.model == "tiny" and not _has_cuda()
+    said = []
+    if cpu_default and args.long_limit is None:
         args.long_limit = 6
+        said.append("gen lengths above 256 use 6 examples per benchmark (--long-limit changes it)")
+    if args.timed_batches is None:
+        args.timed_batches = 1 if cpu_default else TIMED_BATCHES
+        if cpu_default:
+            said.append("1 timed batch per benchmark and gen length (--timed-batches changes it)")
     rows = example_rows(args)
     if args.overwrite:
         storage.remove(args.output)
     storage.check_writable(args.output)
     with console.session(args.output, "evaluate", args.verbose):
-        if cpu_default:
-            console.say("evaluate: gen lengths above 256 use 6 examples per benchmark (the CPU default; "
-                        "--long-limit changes it)")
+        if said:
+            console.say(f"evaluate (the CPU default): {'; '.join(said)}")
         return run(args, methods, filter_uri, filter_meta, rows)
 
 
@@ -300,7 +315,7 @@ def run(args, methods: list[str], filter_uri: str | None, filt: dict, rows: list
                 "filter_variant": filt.get("variant"), "filter_threshold": filt.get("threshold"), "benchmarks": args.benchmarks,
                 "data_dir": args.data_dir, "shots": args.shots, "methods": methods, "gen_lengths": args.gen_lengths,
                 "block_size": args.block_size, "limit": args.limit, "long_limit": args.long_limit,
-                "chat_template": not args.raw_prompts,
+                "chat_template": not args.raw_prompts, "timed_batches": timed_batches(args),
                 "fingerprint": fingerprint(args, methods, filter_identity(filter_uri)),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__}}
     path = storage.join(args.output, "manifest.json")
@@ -322,7 +337,7 @@ def run(args, methods: list[str], filter_uri: str | None, filt: dict, rows: list
         check_shared_output(args.output, args.shared_output)
         gpus, cpus, actors = plan_actors(ray.cluster_resources(), args.gpus_per_actor, args.num_actors,
                                          largest_node_cpus())
-        batches = ray.data.from_items(chunks(pending, args.batch_size, actors)).map_batches(
+        batches = ray.data.from_items(chunks(rows, done, args.batch_size, actors, timed_batches(args))).map_batches(
             EvaluateActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus, num_cpus=cpus,
             fn_constructor_kwargs=dict(model=args.model, filter=filter_uri, output=args.output, methods=methods,
@@ -331,9 +346,7 @@ def run(args, methods: list[str], filter_uri: str | None, filt: dict, rows: list
                                        driver_node=ray.get_runtime_context().get_node_id()))
         examples = failures = 0
         with console.progress(len(pending), "evaluate", "example") as bar:
-            for c in batches.iter_rows():
-                if c["failure"]:
-                    raise Learn2PDError(c["failure"])
+            for c in summaries(batches):
                 examples, failures = examples + c["examples"], failures + c["errors"]
                 bar.update(c["examples"])
         console.say(f"this run: {examples} examples, {failures} failures")

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import collect  # noqa: E402
 import evaluate  # noqa: E402
 import train_filter  # noqa: E402
-from learn2pd_core.errors import run_cli  # noqa: E402
-from learn2pd_core import DecodeConfig, Learn2PDError, console, storage  # noqa: E402
+from learn2pd_core.console import run_cli  # noqa: E402
+from learn2pd_core import DEFAULTS, DecodeConfig, Learn2PDError, console, storage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,8 +41,10 @@ def parse_args(argv=None):
     ap.add_argument("--gen-lengths", default=None, help="evaluate: comma list (default 256,1024)")
     ap.add_argument("--limit", type=int, help="evaluate: examples per benchmark")
     ap.add_argument("--long-limit", type=int, help="evaluate: examples per benchmark above gen length 256")
-    ap.add_argument("--collect-gen-length", type=int, default=256, help="collect: generation length (default 256)")
-    ap.add_argument("--block-size", type=int, default=32, help="block size of every stage (default 32)")
+    ap.add_argument("--collect-gen-length", type=int, default=DEFAULTS.gen_length,
+                    help=f"collect: generation length (default {DEFAULTS.gen_length})")
+    ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
+                    help=f"block size of every stage (default {DEFAULTS.block_size})")
     ap.add_argument("--epochs", type=int, default=5000, help="train_filter: epochs (default 5000)")
     ap.add_argument("--num-actors", type=int, help="collect and evaluate: model replicas")
     ap.add_argument("--gpus-per-actor", type=float, help="collect and evaluate: GPUs per actor")

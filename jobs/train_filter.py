@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
-from learn2pd_core.errors import run_cli  # noqa: E402
+from learn2pd_core.console import run_cli  # noqa: E402
 from learn2pd_core import Learn2PDError, console, make_filter, save_filter, storage  # noqa: E402
 from learn2pd_core.placement import check_shared_output, connect, largest_node_cpus  # noqa: E402
 from learn2pd_core.filter import (FitRows, VARIANTS, bce_gradients, commit_counts, commit_metrics,  # noqa: E402

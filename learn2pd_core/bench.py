@@ -86,21 +86,24 @@ def _on_cuda(out) -> bool:
 
 
 def compare_methods(model, prompts: Sequence, methods: Sequence[str], *, batch_size: int, repeats: int = 3,
-                    score: Callable[[int, str], bool] | None = None, **settings) -> list[dict]:
+                    score: Callable[[int, str], bool] | None = None, filter=None, **settings) -> list[dict]:
     """One row per method. Times are medians over `repeats` runs after a warm-up; 'egp' uses the vanilla
-    output of the same run as its reference, so it must come after 'vanilla' in `methods`."""
+    output of the same run as its reference, so it must come after 'vanilla' in `methods`; learn2pd methods
+    use `filter`."""
     rows, vanilla = [], None
     plain = {k: v for k, v in settings.items() if k in ("gen_length", "block_size", "steps")}
     generate(model, prompts[:batch_size], DecodeConfig(**plain), batch_size=batch_size)   # warm-up
     for method in methods:
-        extra = {"references": [r.token_ids for r in vanilla]} if method.startswith("egp") else {}
-        cfg = DecodeConfig.from_method(method, **settings, **extra)
+        request = {"references": [r.token_ids for r in vanilla]} if method.startswith("egp") else {}
+        cfg = DecodeConfig.from_method(method, **settings)
+        if cfg.policy == "learn2pd":
+            request["filter"] = filter
         walls, policy_shares, other_shares, flops = [], [], [], 0
         for _ in range(repeats):
             timed = TimedModel(model)
             with TimedFunctions(POLICY_FUNCTIONS) as policy:
                 start = time.perf_counter()
-                results = generate(timed, prompts, cfg, batch_size=batch_size)
+                results = generate(timed, prompts, cfg, batch_size=batch_size, **request)
                 wall = time.perf_counter() - start
             walls.append(wall)
             policy_shares.append(policy.seconds / wall)

@@ -1,8 +1,12 @@
-"""DecodeConfig: every decoding setting in one dataclass, validated once at construction."""
+"""DecodeConfig: every decoding setting in one dataclass, validated once at construction.
+
+Settings only: it reads no file and holds no per-request data. The learned filter (an object) and EGP's reference
+answers (one per prompt) are passed to `generate` with the prompts. Its field defaults are the project's defaults:
+the jobs' command-line defaults read them from `DEFAULTS`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 from .errors import ConfigError
 
@@ -13,11 +17,16 @@ POLICIES = ("vanilla", "threshold", "factor", "egp", "learn2pd")
 #   are then predicted over a shorter sequence, which changes answers);
 # "predict": the official code's variant (truncate at the most confident *predicted* end-of-text).
 EOTP_MODES = ("block", "commit", "predict")
+# τ when none is given: Fast-dLLM's 0.9 for `threshold`; for `learn2pd` the filter's sidecar says (0.96 for the
+# paper's filter, 0.99 for the context filter), and a filter without one gets the paper's 0.96.
 DEFAULT_THRESHOLD = {"threshold": 0.9, "learn2pd": 0.96}
 # KV cache (Fast-dLLM's, as in the paper): "prefix" reuses the keys/values before the block, "dual" also those
 # after it. "block" refreshes them at each block's first step; "step" at every step (exact: a check, no speed-up).
 CACHE_MODES = ("prefix", "dual")
 CACHE_REFRESH = ("block", "step")
+# A method name's suffixes and the setting each one stands for ('learn2pd+eotp+dual@0.9').
+METHOD_SUFFIXES = {"eotp": ("eotp", "block"), "eotp-commit": ("eotp", "commit"), "eotp-predict": ("eotp", "predict"),
+                   "prefix": ("cache", "prefix"), "dual": ("cache", "dual")}
 
 
 @dataclass
@@ -30,8 +39,6 @@ class DecodeConfig:
     threshold: float | None = None    # τ: threshold policy (0.9) or learn2pd filter (sidecar value, else 0.96)
     factor: float = 1.0               # f of Fast-dLLM's factor rule
     eotp: str | None = None           # None, "block", "commit" or "predict" (True means "block")
-    filter: Any = None                # FilterMLP or a path to one (learn2pd only)
-    references: Sequence[Sequence[int]] | None = field(default=None, repr=False)  # egp: one gen_length id list per prompt
     seed: int = 0
     cache: str | None = None          # None, "prefix" or "dual" (LLaDA checkpoints only)
     cache_refresh: str = "block"      # "block" (Fast-dLLM) or "step" (exact; for checking the cached path)
@@ -65,14 +72,6 @@ class DecodeConfig:
         if self.factor <= 0:
             raise ConfigError(f"factor {self.factor} must be > 0 (Fast-dLLM default 1.0)")
         self._check_threshold()
-        self._check_filter()
-        if self.policy == "egp":
-            if self.references is None:
-                raise ConfigError("policy 'egp' needs references: one reference answer (gen_length token ids) per prompt, "
-                                  "e.g. the token_ids of a vanilla greedy run")
-            for i, ref in enumerate(self.references):
-                if len(ref) != self.gen_length:
-                    raise ConfigError(f"reference {i} has {len(ref)} tokens, expected gen_length={self.gen_length}")
 
     def _check_threshold(self):
         if self.threshold is None:
@@ -83,31 +82,36 @@ class DecodeConfig:
         if not (0.0 <= self.threshold <= upper):
             raise ConfigError(f"threshold {self.threshold} must be in [0, 1] (typical: 0.9 for threshold, 0.96 for learn2pd)")
 
-    def _check_filter(self):
-        if self.policy != "learn2pd":
-            return
-        if self.filter is None:
-            raise ConfigError("policy 'learn2pd' needs a filter: pass filter=<path to filter.safetensors or its directory> "
-                              "(train one with jobs/train_filter.py)")
-        if isinstance(self.filter, str) or hasattr(self.filter, "__fspath__"):
-            from .filter import load_filter
-            self.filter = load_filter(self.filter)
-        if self.filter.block_size != self.block_size:
-            raise ConfigError(f"filter was trained for block_size {self.filter.block_size} but decoding uses "
-                              f"block_size {self.block_size}; pass --block-size {self.filter.block_size} or train a new filter")
+    def check_request(self, filter=None, references: Sequence[Sequence[int]] | None = None, prompts: int | None = None):
+        """What a request must bring for this config: a filter of the same block size for learn2pd, one
+        gen_length reference per prompt for egp. Raises the one-line ConfigError."""
+        if self.policy == "learn2pd":
+            if filter is None:
+                raise ConfigError("policy 'learn2pd' needs a filter: pass filter=load_filter(<its directory>) "
+                                  "(train one with jobs/train_filter.py)")
+            if filter.block_size != self.block_size:
+                raise ConfigError(f"filter was trained for block_size {filter.block_size} but decoding uses "
+                                  f"block_size {self.block_size}; pass --block-size {filter.block_size} or train a new filter")
+        if self.policy == "egp":
+            if references is None:
+                raise ConfigError("policy 'egp' needs references: one reference answer (gen_length token ids) per "
+                                  "prompt, e.g. the token_ids of a vanilla greedy run")
+            if prompts is not None and len(references) != prompts:
+                raise ConfigError(f"egp got {len(references)} references for {prompts} prompts; pass one per prompt")
+            for i, ref in enumerate(references):
+                if len(ref) != self.gen_length:
+                    raise ConfigError(f"reference {i} has {len(ref)} tokens, expected gen_length={self.gen_length}")
 
     @classmethod
     def from_method(cls, method: str, **settings) -> "DecodeConfig":
         """Config for a method name as used on command lines: a policy, then optionally '+eotp' (block),
         '+eotp-commit' or '+eotp-predict', '+prefix' or '+dual' (KV cache), and '@τ' (e.g. 'learn2pd+eotp+dual@0.9',
-        'threshold+prefix', 'threshold@0.7'); `settings` supply the rest (gen_length, filter, references, ...)."""
+        'threshold+prefix', 'threshold@0.7'); `settings` supply the rest (gen_length, block_size, ...)."""
         name, _, tau = method.partition("@")
         policy, *suffixes = name.split("+")
-        modes = {"eotp": ("eotp", "block"), "eotp-commit": ("eotp", "commit"), "eotp-predict": ("eotp", "predict"), "prefix": ("cache", "prefix"),
-                 "dual": ("cache", "dual")}
         chosen = {}
         for suffix in suffixes:
-            key, value = modes.get(suffix, (None, None))
+            key, value = METHOD_SUFFIXES.get(suffix, (None, None))
             if key is None or key in chosen:
                 raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
                                   "by +eotp, +eotp-commit or +eotp-predict, by +prefix or +dual, and by @<threshold>")
@@ -129,16 +133,29 @@ class DecodeConfig:
         return self.steps // self.num_blocks
 
     @property
-    def tau(self) -> float:
-        """The threshold in force for `threshold`/`learn2pd`."""
+    def method(self) -> str:
+        """The canonical method name, which from_method parses back to this config: the policy, its EoTP mode, its
+        cache, then @τ when one is set ('threshold+eotp+dual@0.7')."""
+        suffix = {setting: name for name, setting in METHOD_SUFFIXES.items()}
+        parts = [self.policy] + [suffix[(key, value)] for key, value in (("eotp", self.eotp), ("cache", self.cache)) if value]
+        return "+".join(parts) + (f"@{self.threshold:g}" if self.threshold is not None else "")
+
+    def tau(self, filter=None) -> float | None:
+        """The threshold in force: the config's, else for learn2pd the filter's sidecar value, else the policy's
+        default; None for policies without one."""
+        if self.policy not in DEFAULT_THRESHOLD:
+            return None
         if self.threshold is not None:
             return self.threshold
-        if self.policy == "learn2pd" and getattr(self.filter, "threshold", None) is not None:
-            return self.filter.threshold
-        return DEFAULT_THRESHOLD.get(self.policy, 0.9)
+        if self.policy == "learn2pd" and getattr(filter, "threshold", None) is not None:
+            return filter.threshold
+        return DEFAULT_THRESHOLD[self.policy]
 
-    def settings(self) -> dict:
-        """JSON-friendly summary for manifests and sidecars (no references, no filter weights)."""
+    def settings(self, filter=None) -> dict:
+        """JSON-friendly summary for manifests and sidecars."""
         return {"gen_length": self.gen_length, "block_size": self.block_size, "steps": self.steps,
-                "temperature": self.temperature, "policy": self.policy, "threshold": self.tau,
+                "temperature": self.temperature, "policy": self.policy, "threshold": self.tau(filter),
                 "factor": self.factor, "eotp": self.eotp, "seed": self.seed, "cache": self.cache}
+
+
+DEFAULTS = DecodeConfig()   # the defaults every job's arguments read

@@ -10,6 +10,7 @@ warnings) goes to a log file.
 The redirection is at the file-descriptor level (dup2 of fds 1 and 2), because Ray and its C++ core write to the
 descriptors directly, not only through Python's sys.stdout. Sessions nest: the pipeline opens one and its stages
 reuse it. verbose=True leaves the descriptors alone, so everything reaches the terminal as before.
+`run_cli(main)` ends a job with one line: its error, or where the full traceback is.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import os
 import sys
 
 from tqdm import tqdm
+
+from .errors import Learn2PDError
 
 _state = {"depth": 0, "out": None, "err": None, "log": None, "last_log": None, "at_close": []}
 
@@ -136,3 +139,42 @@ def _upload(local: str, output: str, name: str) -> None:
             storage.write_bytes(storage.join(output, f"{name}.log"), f.read())
     except (OSError, storage.StorageError) as e:   # the run's outputs are written: say so, do not fail the job
         print(f"the log stays at {local}: {e}", file=_out(), flush=True)
+
+
+# ---- how a job ends: one line
+
+def _own_error(exc: BaseException) -> Learn2PDError | None:
+    """The Learn2PDError behind `exc`, also when Ray re-raised it from an actor or task (RayTaskError keeps the
+    original as .cause; Ray Data chains its own exceptions with __cause__)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Learn2PDError):
+            return _own_error(cause) or cause
+        if isinstance(exc, Learn2PDError) and cause is None:
+            return exc
+        exc = exc.__cause__ or exc.__context__ or (cause if isinstance(cause, BaseException) else None)
+    return None
+
+
+def run_cli(main) -> None:
+    """Run a job's main(). A Learn2PDError, raised here or in a Ray worker, ends it with its one-line message
+    (exit 1); any other failure ends it with one line too when a log file holds the full traceback."""
+    import traceback
+
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("interrupted: rerun the same command to resume")
+    except Exception as e:
+        own = _own_error(e)
+        if own is not None:
+            sys.exit(f"error: {own}")
+        log = last_log()
+        if log is None:
+            raise
+        with open(log, "a") as f:
+            traceback.print_exc(file=f)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        sys.exit(f"error: {type(e).__name__}: {first} (the full traceback is in {log}; --verbose shows everything)")

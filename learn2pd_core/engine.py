@@ -5,6 +5,7 @@ schedule and (under EoTP) its own end. Rows share only the forward pass; a finis
 """
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -44,20 +45,24 @@ class GenerationResult:
     trace: Trace | None = None        # egp only
 
 
-def generate(model: DiffusionLM, prompts: Sequence[str | Sequence[int]], config: DecodeConfig,
-             *, batch_size: int | None = None) -> list[GenerationResult]:
-    """Decode every prompt (text goes through the model's prompt template; id lists are used as they are)."""
+def generate(model: DiffusionLM, prompts: Sequence[str | Sequence[int]], config: DecodeConfig, *, filter=None,
+             references: Sequence[Sequence[int]] | None = None, batch_size: int | None = None) -> list[GenerationResult]:
+    """Decode every prompt (text goes through the model's prompt template; id lists are used as they are).
+    `filter`: learn2pd's filter (an object of learn2pd_core.filter, or the path of one); `references`: egp's
+    reference answers, gen_length ids per prompt."""
     if config.cache and not getattr(model, "native", False):
         raise ConfigError(f"cache={config.cache!r} needs a LLaDA checkpoint (model_type llada), which learn2pd runs "
                           f"natively; {getattr(model, 'name', 'this model')} is not one: decode it without a cache")
+    if isinstance(filter, (str, os.PathLike)):
+        from .filter import load_filter
+        filter = load_filter(filter)
+    config.check_request(filter, references, len(prompts))
     ids = [_prompt_ids(model, p, i, config.gen_length) for i, p in enumerate(prompts)]
-    refs = config.references
-    if config.policy == "egp" and len(refs) != len(ids):
-        raise ConfigError(f"egp got {len(refs)} references for {len(ids)} prompts; pass one per prompt")
     step = batch_size or max(1, len(ids))
     out: list[GenerationResult] = []
     for i in range(0, len(ids), step):
-        out += _decode_batch(model, ids[i:i + step], refs[i:i + step] if refs is not None else None, config)
+        out += _decode_batch(model, ids[i:i + step], references[i:i + step] if references is not None else None,
+                             config, filter if config.policy == "learn2pd" else None)
     return out
 
 
@@ -188,14 +193,15 @@ class Rows:
 
 
 @torch.inference_mode()   # decoding never needs gradients; without this the filter's forward records a graph every step
-def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg: DecodeConfig) -> list[GenerationResult]:
+def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg: DecodeConfig, filt) -> list[GenerationResult]:
     dev, mask_id = model.device, model.mask_token_id
     state = Rows.start(prompts, cfg, mask_id, model.pad_token_id, dev)
     x, P = state.x, state.P
     ref = torch.tensor(np.asarray(references, dtype=np.int64), device=dev) if cfg.policy == "egp" else None
     eos_ids = torch.tensor(model.eos_token_ids, device=dev)
     eos_fill = model.eos_token_ids[0]
-    filt = cfg.filter.to(dev) if cfg.policy == "learn2pd" else None
+    filt = filt.to(dev) if filt is not None else None
+    tau = cfg.tau(filt)
     generators = [torch.Generator(device=dev).manual_seed(_row_seed(cfg.seed, p)) for p in prompts] \
         if cfg.temperature > 0 else None
     runner = BlockForward(model, x, state.real, state.end, P, cfg.block_size, cfg.cache, cfg.cache_refresh)
@@ -218,7 +224,7 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
         if cfg.policy == "vanilla":
             commit = policies.top_k(conf, masked, state.top_k_count(rows))
         elif cfg.policy == "threshold":
-            commit = policies.threshold_rule(conf, masked, cfg.tau)
+            commit = policies.threshold_rule(conf, masked, tau)
         elif cfg.policy == "factor":
             commit = policies.factor_rule(conf, masked, cfg.factor)
         elif cfg.policy == "egp":
@@ -227,7 +233,7 @@ def _decode_batch(model: DiffusionLM, prompts: list[list[int]], references, cfg:
             records.append((rows, state.block[rows], state.step[rows], conf.float(), pred, pred == target, masked))
             pred = target                                              # EGP writes reference tokens only
         else:  # learn2pd
-            commit = policies.learn2pd_rule(conf, masked, filt, cfg.tau, state.top_k_count(rows), state.block[rows],
+            commit = policies.learn2pd_rule(conf, masked, filt, tau, state.top_k_count(rows), state.block[rows],
                                             state.step[rows])
         x[rows[:, None], pos] = torch.where(commit, pred, current)
         n_commit = commit.sum(dim=1)

@@ -23,6 +23,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from . import storage
+from .config import DEFAULT_THRESHOLD, DEFAULTS
 from .errors import ConfigError
 
 WEIGHTS_NAME, SIDECAR_NAME = "filter.safetensors", "filter.json"
@@ -59,8 +60,8 @@ class FilterMLP(_Filter):
     (2,112 params at block 32)."""
     variant = "paper"
 
-    def __init__(self, block_size: int = 32, hidden: int | None = None, layers: int = 2,
-                 threshold: float = 0.96, provenance: dict | None = None):
+    def __init__(self, block_size: int = DEFAULTS.block_size, hidden: int | None = None, layers: int = 2,
+                 threshold: float = DEFAULT_THRESHOLD["learn2pd"], provenance: dict | None = None):
         self.input_width = self.output_width = block_size
         super().__init__(block_size, hidden or block_size, layers, threshold, provenance)
 
@@ -86,7 +87,7 @@ class ContextFilter(_Filter):
     FEATURES = ("confidence", "certainty", "masked", "position", "left certainty", "right certainty", "left masked",
                 "right masked", "masked share", "least certain masked", "step", "block")
 
-    def __init__(self, block_size: int = 32, hidden: int | None = None, layers: int = 3,
+    def __init__(self, block_size: int = DEFAULTS.block_size, hidden: int | None = None, layers: int = 3,
                  threshold: float = 0.99, provenance: dict | None = None):
         self.input_width, self.output_width = len(self.FEATURES), 1
         super().__init__(block_size, hidden or 32, layers, threshold, provenance)

@@ -67,3 +67,47 @@ def check_same_node(output: str, shared: bool, driver_node: str) -> None:
     import ray
     if not shared and not output.startswith("s3://") and ray.get_runtime_context().get_node_id() != driver_node:
         raise Learn2PDError(_local_output_message(output, "this actor runs on another node than the driver"))
+
+
+class ModelActor:
+    """Ray Data's batch-inference callable for the jobs: one model replica loaded in __init__, one batch handled
+    in __call__, returning the batch's counts. Subclasses set COUNTS (the counts' names), may override setup()
+    for what else a replica loads, and implement process(batch).
+
+    A Learn2PDError (the model cannot load, the output cannot be written) is returned, not raised: raised from
+    __init__, Ray would restart the actor to fail the same way again and again; raised from __call__, its one line
+    would be buried in pages of Ray's traceback. `summaries` raises it in the driver: the job fails once, with
+    that line. (A crashed actor is still replaced by Ray.)"""
+    COUNTS: tuple[str, ...] = ()
+
+    def __init__(self, model: str, output: str, shared_output: bool, driver_node: str, **settings):
+        from .model import load_model
+        self.output, self.failure = output, None
+        try:
+            check_same_node(output, shared_output, driver_node)
+            self.model = load_model(model)
+            self.setup(**settings)
+        except Learn2PDError as e:
+            self.failure = e
+
+    def setup(self, **settings) -> None:
+        self.settings = settings
+
+    def process(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        if self.failure is None:
+            try:
+                return {**self.process(batch), "failure": [""]}
+            except Learn2PDError as e:   # e.g. the output's storage is gone: no later batch can be written either
+                self.failure = e
+        return {**{name: [0] for name in self.COUNTS}, "failure": [str(self.failure)]}
+
+
+def summaries(dataset):
+    """The per-batch summaries of a dataset of ModelActor outputs as they finish; a failure ends the job."""
+    for summary in dataset.iter_rows():
+        if summary["failure"]:
+            raise Learn2PDError(summary["failure"])
+        yield summary

@@ -35,13 +35,19 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+RESOLVING_EXAMPLES = 20   # below this one example is more than 5 accuracy points: a panel cannot tell policies apart
+
+
 def tradeoff_png(summary: list[dict]) -> bytes:
-    """Accuracy against tokens per forward, one panel per benchmark x gen length: every τ sweep (methods
-    'name@τ' together with 'name' itself at its default τ) as a curve, the other methods as single points."""
+    """Accuracy against tokens per forward, one panel per benchmark x gen length, for the methods with EoTP: every
+    τ sweep (methods 'name@τ' together with 'name' itself at its default τ) as a curve, the other methods as single
+    points. Methods without EoTP are left out: the padding they decode puts them all near the same tokens per
+    forward. A panel with fewer than RESOLVING_EXAMPLES examples is greyed and says so."""
     plt = _pyplot()
+    summary = [r for r in summary if "+eotp" in r["method"]]
     panels = sorted({(r["benchmark"], r["gen_length"]) for r in summary})
     swept = {r["method"].partition("@")[0] for r in summary if "@" in r["method"]}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), dpi=110, squeeze=False)
     for ax, (bench, gen) in zip(axes[0], panels):
         rows = [r for r in summary if (r["benchmark"], r["gen_length"]) == (bench, gen)]
         # One colour per curve or point (20 distinct), so no point shares a colour with a curve.
@@ -53,18 +59,24 @@ def tradeoff_png(summary: list[dict]) -> bytes:
             if curve:
                 ax.plot([c[1] for c in curve], [c[2] for c in curve], marker="o", color=next(colours),
                         label=f"{fam} (τ sweep)")
-                for tau, x, y in curve:
-                    ax.annotate(f"{tau:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                for i, (tau, x, y) in enumerate(curve):   # labels alternate above and below the point
+                    ax.annotate(f"{tau:g}", (x, y), fontsize=7, xytext=(3, 4 if i % 2 else -10),
+                                textcoords="offset points")
         for r in rows:
             if r["method"].partition("@")[0] not in swept:
                 ax.scatter([r["tpf"]], [r["accuracy"]], marker=next(markers), color=next(colours), zorder=3,
                            label=r["method"])
+        n = max(r["examples"] for r in rows)
+        title = f"{bench}, gen {gen} ({n} examples)"
+        if n < RESOLVING_EXAMPLES:
+            ax.set_facecolor("0.93")
+            title += f"\none example = {100 / n:.1f} points: too few to tell methods apart"
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
         ax.set_xlabel("tokens per forward (log)")
         ax.set_ylabel("accuracy %")
-        ax.set_title(f"{bench}, gen {gen}")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _png(fig)
@@ -94,7 +106,7 @@ def reliability_png(curves: dict[str, dict]) -> bytes:
     return _png(fig)
 
 
-def forwards_per_block_png(rows: list[dict], methods=("vanilla", "learn2pd", "egp")) -> bytes:
+def forwards_per_block_png(rows: list[dict], methods=("vanilla", "threshold+eotp", "learn2pd+eotp")) -> bytes:
     """Distribution of forward passes per decoded block (blocks cut by EoTP excluded), like the paper's
     Figure 4; one panel per gen length. rows: result rows with method, gen_length, forwards_per_block."""
     plt = _pyplot()

@@ -1,7 +1,8 @@
 """The trace dataset's schema, and one batch of collection: prompts -> (traces, references, errors).
 
 traces:     one row per (prompt, block, step) of the EGP re-decode: the filter's training data.
-references: one row per prompt: the vanilla greedy answer used as the oracle's reference, and both NFEs.
+references: one row per prompt: the vanilla greedy answer used as the oracle's reference, the forwards of its
+            decode (vanilla+eotp, see oracle.py) and of the EGP re-decode.
 errors:     one row per prompt that could not be decoded, with the reason.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ TRACES = pa.schema([("prompt_id", pa.string()), ("task", pa.string()), ("block",
                     ("masked", pa.list_(pa.bool_()))])
 REFERENCES = pa.schema([("prompt_id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
                         ("reference_text", pa.string()), ("reference_ids", pa.list_(pa.int32())),
-                        ("vanilla_nfe", pa.int32()), ("egp_nfe", pa.int32()), ("trace_rows", pa.int32())])
+                        ("reference_nfe", pa.int32()), ("egp_nfe", pa.int32()), ("trace_rows", pa.int32())])
 ERRORS = pa.schema([("prompt_id", pa.string()), ("task", pa.string()), ("prompt", pa.string()), ("error", pa.string())])
 
 
@@ -70,7 +71,7 @@ def collect_batch(model, rows: Sequence[dict], *, gen_length: int, block_size: i
                                     "confidence": _lists(t.confidence), "correct": _lists(t.correct),
                                     "masked": _lists(t.masked)}, schema=TRACES))
             refs.append({"prompt_id": r["prompt_id"], "task": r["task"], "prompt": r["prompt"],
-                         "reference_text": v.text, "reference_ids": v.token_ids, "vanilla_nfe": v.nfe,
+                         "reference_text": v.text, "reference_ids": v.token_ids, "reference_nfe": v.nfe,
                          "egp_nfe": e.nfe, "trace_rows": n})
     trace_table = pa.concat_tables(traces) if traces else TRACES.empty_table()
     return (trace_table, pa.Table.from_pylist(refs, schema=REFERENCES), pa.Table.from_pylist(errors, schema=ERRORS))

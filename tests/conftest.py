@@ -1,5 +1,6 @@
 import os
 import secrets
+import sys
 import time
 
 import pytest
@@ -14,6 +15,9 @@ from learn2pd_core.llada import LLaDA, LLaDAConfig
 # whole session before anything imports ray.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+# The `ray` command the tests run (ray start, ray job submit) is this interpreter's, also when its virtual
+# environment is not activated.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 VOCAB, PAD, EOS, MASK = 48, 0, 2, 47
 
@@ -102,6 +106,12 @@ def llada_toy():
 @pytest.fixture(scope="session")
 def llada_eos_toy():
     return wrap(random_llada(cls=EosAfterLLaDA))
+
+
+def split_request(kw: dict) -> tuple[dict, dict]:
+    """A test case's keywords split into DecodeConfig's settings and generate()'s per-request data."""
+    request = {k: kw[k] for k in ("filter", "references") if k in kw}
+    return {k: v for k, v in kw.items() if k not in request}, request
 
 
 def prompts_of_lengths(*lengths, seed=1):

@@ -3,7 +3,7 @@ rows still decoding, and method names that compose."""
 import pytest
 import torch
 
-from conftest import prompts_of_lengths
+from conftest import prompts_of_lengths, split_request
 from learn2pd_core import ConfigError, ContextFilter, DecodeConfig, FilterMLP, generate
 
 PROMPTS = prompts_of_lengths(5, 11, 3, 8)
@@ -31,11 +31,11 @@ def _cases():
             yield f"{name}{'+eotp-' + eotp if eotp else ''}", {**kw, "eotp": eotp}
 
 
-def _config(model, kw, prompts, **extra):
-    kw = dict(kw)
-    if kw.get("references") == "vanilla":   # the oracle's reference: the model's own greedy answer, no cache
-        kw["references"] = [r.token_ids for r in generate(model, prompts, DecodeConfig(gen_length=32, block_size=8))]
-    return DecodeConfig(gen_length=32, block_size=8, **kw, **extra)
+def _decode(model, kw, prompts, **extra):
+    kw, request = split_request(kw)
+    if request.get("references") == "vanilla":   # the oracle's reference: the model's own greedy answer, no cache
+        request["references"] = [r.token_ids for r in generate(model, prompts, DecodeConfig(gen_length=32, block_size=8))]
+    return generate(model, prompts, DecodeConfig(gen_length=32, block_size=8, **kw, **extra), **request)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -43,8 +43,8 @@ def _config(model, kw, prompts, **extra):
 def test_refreshing_every_step_reproduces_no_cache(llada_toy, llada_eos_toy, cache, name, kw):
     """Keys/values stored fresh before each step's cached forward: the cached path must give the no-cache tokens."""
     model = llada_eos_toy if kw["eotp"] else llada_toy
-    plain = generate(model, PROMPTS, _config(model, kw, PROMPTS))
-    cached = generate(model, PROMPTS, _config(model, kw, PROMPTS, cache=cache, cache_refresh="step"))
+    plain = _decode(model, kw, PROMPTS)
+    cached = _decode(model, kw, PROMPTS, cache=cache, cache_refresh="step")
     for p, c in zip(plain, cached):
         assert c.token_ids == p.token_ids
         assert c.tokens_per_step == p.tokens_per_step
@@ -56,10 +56,10 @@ def test_refreshing_every_step_reproduces_no_cache(llada_toy, llada_eos_toy, cac
 def test_cached_batch_equals_per_row(llada_toy, llada_eos_toy, cache, name, kw):
     """Rows in different blocks, with different ends (EoTP), share each forward and still decode as alone."""
     model = llada_eos_toy if kw["eotp"] else llada_toy
-    batched = generate(model, PROMPTS, _config(model, kw, PROMPTS, cache=cache))
+    batched = _decode(model, kw, PROMPTS, cache=cache)
     for i, (prompt, b) in enumerate(zip(PROMPTS, batched)):
         row_kw = {**kw, "references": "vanilla"} if kw.get("references") else kw
-        single = generate(model, [prompt], _config(model, row_kw, [prompt], cache=cache))[0]
+        single = _decode(model, row_kw, [prompt], cache=cache)[0]
         assert b.token_ids == single.token_ids
         assert (b.nfe, b.tokens_per_step, b.forwards_per_block) == (single.nfe, single.tokens_per_step,
                                                                    single.forwards_per_block)
@@ -128,8 +128,11 @@ def test_cache_memory_follows_the_rows_still_decoding(llada_eos_toy):
 
 
 def test_method_names_compose_with_the_cache():
-    cfg = DecodeConfig.from_method("learn2pd+eotp+dual@0.9", gen_length=32, block_size=8, filter=FilterMLP(8))
-    assert (cfg.policy, cfg.eotp, cfg.cache, cfg.tau) == ("learn2pd", "block", "dual", 0.9)
+    cfg = DecodeConfig.from_method("learn2pd+eotp+dual@0.9", gen_length=32, block_size=8)
+    assert (cfg.policy, cfg.eotp, cfg.cache, cfg.tau(FilterMLP(8))) == ("learn2pd", "block", "dual", 0.9)
+    assert cfg.method == "learn2pd+eotp+dual@0.9"
+    assert DecodeConfig.from_method("threshold+dual+eotp-commit", gen_length=32, block_size=8).method == \
+        "threshold+eotp-commit+dual"   # one canonical name, whatever the order of the suffixes
     assert DecodeConfig.from_method("vanilla+eotp-commit", gen_length=32, block_size=8).eotp == "commit"
     cfg = DecodeConfig.from_method("threshold+prefix", gen_length=32, block_size=8)
     assert (cfg.policy, cfg.eotp, cfg.cache) == ("threshold", None, "prefix")

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from learn2pd_core import DecodeConfig, load_model, save_filter, storage
+from learn2pd_core import DecodeConfig, FilterMLP, load_filter, load_model, save_filter, storage
 from learn2pd_core.bench import fit_filter_on
-from learn2pd_core.evaluation import (RESULTS, aup, cache_effects, expand_methods, markdown, paired_accuracy_diff,
-                                      summarize, target_checks)
+from learn2pd_core.evaluation import (DEFAULT_METHODS, RESULTS, aup, cache_effects, exact_form, expand_methods,
+                                      markdown, paired_accuracy_diff, summarize, target_checks)
 from learn2pd_core.tiny.tasks import instruction_examples
 
 # the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
@@ -22,8 +22,9 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = os.environ.get("LEARN2PD_TEST_MODEL", "tiny")
 METHODS = "vanilla,vanilla+eotp,threshold,factor,learn2pd,learn2pd+eotp,egp,threshold+dual,learn2pd+eotp+dual"
+# 6 examples in batches of 2: the first batch is timed, the other two decode only each method's exact form
 FAST = ["--model", MODEL, "--benchmarks", "tiny", "--methods", METHODS, "--sweep", "0.7", "--block-size", "32",
-        "--batch-size", "6", "--num-actors", "1"]
+        "--batch-size", "2", "--timed-batches", "1", "--num-actors", "1"]
 
 
 def evaluate(*args, check=True):
@@ -62,7 +63,7 @@ def run(filter_dir, too_long, tmp_path_factory):
     return out, proc
 
 
-def test_every_method_decodes_every_example(run, too_long):
+def test_every_method_answers_every_example_and_is_timed_on_the_sample(run, too_long):
     out, proc = run
     rows = results(out)
     methods = expand_methods(METHODS.split(","), [0.7])
@@ -70,8 +71,16 @@ def test_every_method_decodes_every_example(run, too_long):
     keys = [(r["example_id"], r["method"]) for r in rows]
     assert len(keys) == len(set(keys)) == 6 * len(methods)            # one row per example and method
     by = {(r["example_id"], r["method"]): r for r in rows}
+    sample = {r["example_id"] for r in rows if r["method"] == "vanilla" and r["timed"]}
+    assert len(sample) == 2                                             # one timed batch of 2
     for (ex, method), r in by.items():
-        assert r["gen_length"] == 64 and r["nfe"] >= 1
+        assert r["gen_length"] == 64
+        own_form = "+eotp" in method
+        assert r["timed"] == (own_form or ex in sample)                 # forms with EoTP are always their own
+        if not r["timed"]:
+            assert r["nfe"] is None and r["batch_seconds"] is None
+            continue
+        assert r["nfe"] >= 1
         if method == "vanilla":
             assert r["nfe"] == 64 and sum(r["forwards_per_block"]) == 64
         if method == "egp":   # the oracle writes the vanilla answer of the same run, so it scores the same
@@ -91,18 +100,34 @@ def test_report_agrees_with_the_rows(run):
     summary = {r["method"]: r for r in report["summary"]}
     for method, s in summary.items():
         mine = [r for r in rows if r["method"] == method]
-        assert s["examples"] == len(mine)
-        assert math.isclose(s["accuracy"], 100 * sum(r["correct"] for r in mine) / len(mine))
-        assert math.isclose(s["nfe"], sum(r["nfe"] for r in mine) / len(mine))
-        assert math.isclose(s["tpf"], sum(r["answer_tokens"] for r in mine) / sum(r["nfe"] for r in mine))
+        timed = [r for r in mine if r["timed"]]
+        assert s["examples"] == len(mine) and s["timed_examples"] == len(timed)
+        assert math.isclose(s["accuracy"], 100 * sum(r["correct"] for r in mine) / len(mine))   # every example
+        assert math.isclose(s["nfe"], sum(r["nfe"] for r in timed) / len(timed))                # the timed ones
+        assert math.isclose(s["tpf"], sum(r["answer_tokens"] for r in timed) / sum(r["nfe"] for r in timed))
         assert math.isclose(s["nfe_speedup"], summary["vanilla"]["nfe"] / s["nfe"])
+    assert summary["vanilla"]["timed_examples"] == 2 and summary["vanilla+eotp"]["timed_examples"] == 6
     assert summary["learn2pd+eotp"]["nfe"] < summary["vanilla"]["nfe"]
-    assert {a["family"] for a in report["aup"]} == {"threshold", "learn2pd"}
+    assert {a["family"] for a in report["aup"]} == {"threshold+eotp", "learn2pd+eotp"}
     md = Path(out, "report.md").read_text()
     assert "learn2pd+eotp" in md and "tiny, gen length 64" in md and "4.21x" in md
+    assert "| sample: 2 ex., 1 batch" in md and "| all |" in md          # which figures come from the sample
     for png in ("tradeoff.png", "forwards_per_block.png"):
         assert Path(out, png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| learn2pd+eotp |" in proc.stdout                       # the table is printed at the end
+
+
+def test_the_sampled_run_answers_as_a_full_decode(run, filter_dir, tmp_path):
+    """Every method's answers, and so its accuracy, are those of decoding every example with the method itself."""
+    out, _ = run
+    full = str(tmp_path / "full")
+    evaluate("--filter", filter_dir, "--gen-length", "64", "--limit", "6", "--output", full, "--full")
+    answers = lambda rows: {(r["example_id"], r["method"]): (r["completion"], r["correct"]) for r in rows}
+    full_rows = results(full)
+    assert all(r["timed"] for r in full_rows)
+    assert answers(results(out)) == answers(full_rows)
+    accuracy = lambda o: {r["method"]: r["accuracy"] for r in json.loads(Path(o, "report.json").read_text())["summary"]}
+    assert accuracy(out) == accuracy(full)
 
 
 def test_rerun_resumes_without_duplicates(run, filter_dir, too_long):
@@ -144,7 +169,7 @@ def test_aup_matches_a_hand_computation():
 def test_summary_speedups_use_the_same_batches():
     def row(method, ex, correct, nfe, tokens, batch, seconds):
         return {"benchmark": "b", "gen_length": 32, "example_id": ex, "method": method, "threshold": None,
-                "completion": "", "correct": correct, "scores": "{}", "nfe": nfe, "answer_tokens": tokens,
+                "completion": "", "correct": correct, "scores": "{}", "timed": True, "nfe": nfe, "answer_tokens": tokens,
                 "decode_seconds": seconds, "batch_id": batch, "batch_seconds": seconds, "forwards_per_block": [nfe]}
     table = pa.Table.from_pylist([row("vanilla", "1", True, 32, 10, "x", 4.0), row("vanilla", "2", False, 32, 6, "x", 4.0),
                                   row("learn2pd", "1", True, 4, 10, "x", 0.5), row("learn2pd", "2", True, 2, 6, "x", 0.5)],
@@ -155,24 +180,58 @@ def test_summary_speedups_use_the_same_batches():
     assert s["learn2pd"]["accuracy"] == 100 and s["learn2pd"]["accuracy_delta"] == 50
 
 
-def test_method_names():
+def test_method_names_are_canonical_and_never_decoded_twice():
     assert expand_methods(["learn2pd+eotp", "threshold"], [0.5, 0.9]) == \
-        ["vanilla", "learn2pd+eotp", "threshold", "threshold@0.5", "learn2pd@0.5", "learn2pd@0.9"]
+        ["vanilla", "learn2pd+eotp", "threshold", "threshold+eotp@0.5", "threshold+eotp", "learn2pd+eotp@0.5",
+         "learn2pd+eotp@0.9"]   # the sweep is of the +eotp forms; threshold+eotp@0.9 is threshold+eotp
+    context = FilterMLP(32, threshold=0.99)   # τ comes from the filter's sidecar
+    assert expand_methods(["learn2pd", "learn2pd@0.99", "learn2pd+dual+eotp", "learn2pd+eotp+dual@0.99",
+                           "threshold@0.9", "threshold", "vanilla"], filter=context) == \
+        ["vanilla", "learn2pd", "learn2pd+eotp+dual", "threshold"]
+    assert exact_form("threshold+dual@0.7") == "threshold+eotp+dual@0.7" and exact_form("vanilla+eotp") == "vanilla+eotp"
+    assert exact_form("learn2pd+eotp-commit") == "learn2pd+eotp-commit"   # changes answers: its own form
     cfg = DecodeConfig.from_method("threshold@0.7")
-    assert cfg.policy == "threshold" and cfg.tau == 0.7
+    assert cfg.policy == "threshold" and cfg.tau() == 0.7
     with pytest.raises(Exception, match="not a threshold"):
         DecodeConfig.from_method("threshold@high")
 
 
-def test_batches_spread_long_generations_over_every_actor():
+def test_default_methods_resolve_to_distinct_decodes(filter_dir):
+    """`jobs/evaluate.py --limit 16 --gen-length 256` with the default methods runs no method twice."""
+    job = _evaluate_job()
+    for sweep in ("", "0.5,0.7,0.9,0.95,0.99"):
+        methods, _, meta = job.validate(job.parse_args(["--filter", filter_dir, "--limit", "16", "--gen-length", "256",
+                                                        "--sweep", sweep]))
+        filt = load_filter(filter_dir)
+        decodes = [DecodeConfig.from_method(m) for m in methods]
+        settings = [(c.policy, c.eotp, c.cache, c.tau(filt)) for c in decodes]
+        assert len(settings) == len(set(settings)) == len(methods)
+    assert job.validate(job.parse_args(["--filter", filter_dir]))[0][:len(DEFAULT_METHODS)] == list(DEFAULT_METHODS)
+
+
+def _evaluate_job():
     import importlib.util
     spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def test_batches_spread_long_generations_over_every_actor_and_the_sample_survives_a_resume():
+    job = _evaluate_job()
     rows = [{"benchmark": "tiny", "gen_length": g, "example_id": str(i), "prompt": "p", "target": "{}"}
             for g, n in ((256, 48), (1024, 6)) for i in range(n)]
-    batches = [json.loads(c["rows"]) for c in job.chunks(rows, batch_size=16, actors=2)]
-    assert [len(b) for b in batches] == [3, 3, 16, 16, 16]                # longest first, split over 2 actors
+    chunks = job.chunks(rows, set(), batch_size=16, actors=2, timed_batches=1)
+    batches = [json.loads(c["rows"]) for c in chunks]
+    # the first batch of each group is timed; timed ones first, then longest first; gen 1024 split over 2 actors
+    assert [(len(b), c["timed"], c["gen_length"]) for b, c in zip(batches, chunks)] == \
+        [(3, True, 1024), (16, True, 256), (3, False, 1024), (16, False, 256), (16, False, 256)]
+    assert all(c["timed"] for c in job.chunks(rows, set(), batch_size=16, actors=2, timed_batches=None))
+    # a resume: the first 256 batch was half written; its other half is still the timed sample
+    done = {job.key(r) for r in batches[1][:8]}
+    resumed = job.chunks(rows, done, batch_size=16, actors=2, timed_batches=1)
+    assert [(len(json.loads(c["rows"])), c["timed"]) for c in resumed] == \
+        [(3, True), (8, True), (3, False), (16, False), (16, False)]
     assert all(len({(r["benchmark"], r["gen_length"]) for r in b}) == 1 for b in batches)
     assert sorted(r["example_id"] + str(r["gen_length"]) for b in batches for r in b) == \
         sorted(r["example_id"] + str(r["gen_length"]) for r in rows)
@@ -183,7 +242,7 @@ def outcomes(method, correct, ids=None, bench="b", gen=32):
     """Result rows of one method: correct[i] for example ids[i] (default "000", "001", ...)."""
     ids = ids or [f"{i:03d}" for i in range(len(correct))]   # zero-padded: sorted ids keep the list order
     return [{"benchmark": bench, "gen_length": gen, "example_id": ex, "method": method, "threshold": None,
-             "completion": "", "correct": c, "scores": "{}", "nfe": 4, "answer_tokens": 4, "decode_seconds": 1.0,
+             "completion": "", "correct": c, "scores": "{}", "timed": True, "nfe": 4, "answer_tokens": 4, "decode_seconds": 1.0,
              "batch_id": "x", "batch_seconds": 1.0, "forwards_per_block": [4]} for ex, c in zip(ids, correct)]
 
 

@@ -26,7 +26,7 @@ def test_filter_round_trips_through_safetensors_and_sidecar(tmp_path):
     assert (meta["block_size"], meta["layers"], meta["hidden"], meta["threshold"]) == (16, 3, 24, 0.9)
     assert meta["provenance"]["model"] == "tiny"
     assert not list((tmp_path / "f").glob("*.tmp"))
-    assert DecodeConfig(gen_length=32, block_size=16, policy="learn2pd", filter=str(tmp_path / "f")).tau == 0.9
+    assert DecodeConfig(gen_length=32, block_size=16, policy="learn2pd").tau(back) == 0.9   # τ from the sidecar
 
 
 def test_context_filter_round_trips_and_old_sidecars_load_as_paper(tmp_path):
@@ -79,7 +79,7 @@ def test_calibration_bins_and_error():
 def test_filter_errors_name_the_problem(tmp_path):
     save_filter(FilterMLP(block_size=16), tmp_path)
     with pytest.raises(ConfigError, match="trained for block_size 16 but decoding uses block_size 32"):
-        DecodeConfig(gen_length=64, block_size=32, policy="learn2pd", filter=str(tmp_path))
+        DecodeConfig(gen_length=64, block_size=32, policy="learn2pd").check_request(load_filter(tmp_path))
     with pytest.raises(ConfigError, match="no filter at"):
         load_filter(tmp_path / "nowhere")
     (tmp_path / "filter.json").write_text(json.dumps({"block_size": 16, "hidden": 8, "layers": 2}))

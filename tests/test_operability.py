@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "jobs"))
 import collect  # noqa: E402
 import evaluate  # noqa: E402
 import train_filter  # noqa: E402
-from learn2pd_core.errors import run_cli  # noqa: E402
+from learn2pd_core.console import run_cli  # noqa: E402
 
 # the jobs connect to the session's Ray cluster (conftest.ray_cluster) rather than each starting one
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -73,7 +73,7 @@ def test_fit_beats_the_base_rate_and_the_filter_decodes(fitted, model):
     assert isinstance(filt, ContextFilter) and filt.provenance["model"] == MODEL and filt.threshold == 0.99
     prompts = [e["prompt"] for e in instruction_examples(1, seed=4)][:6]
     vanilla = generate(model, prompts, DecodeConfig(gen_length=64, block_size=32))
-    fast = generate(model, prompts, DecodeConfig(gen_length=64, block_size=32, policy="learn2pd", filter=out))
+    fast = generate(model, prompts, DecodeConfig(gen_length=64, block_size=32, policy="learn2pd"), filter=filt)
     assert sum(r.nfe for r in fast) < sum(r.nfe for r in vanilla)
     assert all(r.token_ids and model.mask_token_id not in r.token_ids for r in fast)
 

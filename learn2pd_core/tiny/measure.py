@@ -24,9 +24,9 @@ CARD = Path(__file__).with_name("MODEL_CARD.md")
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 
-def run(model, exs, cfg, batch_size):
+def run(model, exs, cfg, batch_size, **request):
     t = time.time()
-    res = generate(model, [e["prompt"] for e in exs], cfg, batch_size=batch_size)
+    res = generate(model, [e["prompt"] for e in exs], cfg, batch_size=batch_size, **request)
     ok = [score(e, r.text) for e, r in zip(exs, res)]
     per_task = collections.defaultdict(list)
     for e, o in zip(exs, ok):
@@ -68,7 +68,7 @@ def main():
         runs[f"threshold {tau}"] = r = run(model, exs, cfg(policy="threshold", threshold=tau), bs)
         print(f"threshold {tau}: {r['acc']:.1f}% nfe/prompt {r['nfe_per_prompt']:.1f}", flush=True)
     refs = [r.token_ids for r in van["results"]]
-    runs["egp oracle"] = r = run(model, exs, cfg(policy="egp", references=refs), bs)
+    runs["egp oracle"] = r = run(model, exs, cfg(policy="egp"), bs, references=refs)
     print(f"egp: {r['acc']:.1f}% nfe/prompt {r['nfe_per_prompt']:.1f}", flush=True)
 
     fewshot = {}
