@@ -118,7 +118,7 @@ def validate(args) -> tuple[list[str], str | None, dict]:
         for m in methods:   # gen length vs block size, the filter's block size, thresholds: one line each
             cfg = DecodeConfig.from_method(m, gen_length=gen, block_size=args.block_size)
             if cfg.policy == "learn2pd":
-                cfg.check_request(filt)
+                cfg.check_filter(filt)
     return methods, (args.filter if filt is not None else None), (filt.metadata() if filt is not None else {})
 
 

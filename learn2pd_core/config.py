@@ -82,25 +82,29 @@ class DecodeConfig:
         if not (0.0 <= self.threshold <= upper):
             raise ConfigError(f"threshold {self.threshold} must be in [0, 1] (typical: 0.9 for threshold, 0.96 for learn2pd)")
 
-    def check_request(self, filter=None, references: Sequence[Sequence[int]] | None = None, prompts: int | None = None):
-        """What a request must bring for this config: a filter of the same block size for learn2pd, one
-        gen_length reference per prompt for egp. Raises the one-line ConfigError."""
-        if self.policy == "learn2pd":
-            if filter is None:
-                raise ConfigError("policy 'learn2pd' needs a filter: pass filter=load_filter(<its directory>) "
-                                  "(train one with jobs/train_filter.py)")
-            if filter.block_size != self.block_size:
-                raise ConfigError(f"filter was trained for block_size {filter.block_size} but decoding uses "
-                                  f"block_size {self.block_size}; pass --block-size {filter.block_size} or train a new filter")
-        if self.policy == "egp":
-            if references is None:
-                raise ConfigError("policy 'egp' needs references: one reference answer (gen_length token ids) per "
-                                  "prompt, e.g. the token_ids of a vanilla greedy run")
-            if prompts is not None and len(references) != prompts:
-                raise ConfigError(f"egp got {len(references)} references for {prompts} prompts; pass one per prompt")
-            for i, ref in enumerate(references):
-                if len(ref) != self.gen_length:
-                    raise ConfigError(f"reference {i} has {len(ref)} tokens, expected gen_length={self.gen_length}")
+    def check_filter(self, filter) -> None:
+        """learn2pd needs a filter of this block size; raises the one-line ConfigError."""
+        if self.policy != "learn2pd":
+            return
+        if filter is None:
+            raise ConfigError("policy 'learn2pd' needs a filter: pass filter=load_filter(<its directory>) "
+                              "(train one with jobs/train_filter.py)")
+        if filter.block_size != self.block_size:
+            raise ConfigError(f"filter was trained for block_size {filter.block_size} but decoding uses "
+                              f"block_size {self.block_size}; pass --block-size {filter.block_size} or train a new filter")
+
+    def check_references(self, references: Sequence[Sequence[int]] | None, prompts: int) -> None:
+        """egp needs one gen_length reference answer per prompt; raises the one-line ConfigError."""
+        if self.policy != "egp":
+            return
+        if references is None:
+            raise ConfigError("policy 'egp' needs references: one reference answer (gen_length token ids) per "
+                              "prompt, e.g. the token_ids of a vanilla greedy run")
+        if len(references) != prompts:
+            raise ConfigError(f"egp got {len(references)} references for {prompts} prompts; pass one per prompt")
+        for i, ref in enumerate(references):
+            if len(ref) != self.gen_length:
+                raise ConfigError(f"reference {i} has {len(ref)} tokens, expected gen_length={self.gen_length}")
 
     @classmethod
     def from_method(cls, method: str, **settings) -> "DecodeConfig":

@@ -1,5 +1,5 @@
-"""The decoding step's forward pass for a batch of rows: which positions go through the model, which keys/values
-come from the KV cache, which logits come back. The engine's commit rules see only the logits.
+"""The decoding step's forward pass for the rows of the slot pool: which positions go through the model, which
+keys/values come from the KV cache, which logits come back. The engine's commit rules see only the logits.
 
 Without a cache every step runs the model over each row's live sequence. With one (Fast-dLLM's, which the
 Learn2PD paper used), a row's first step in a block runs that full forward and stores every position's keys and
@@ -10,15 +10,37 @@ Cached values go stale as the block fills: an approximation, which is why the pa
 `refresh="step"` stores fresh keys/values before every step's cached forward: exact (the no-cache result token
 for token) at two forwards a step, a check of the cached path rather than a speed-up.
 
-The cache holds keys/values [slots, kv_heads, L + 1, head_dim] per layer for the rows still decoding, in position
-order; a cached forward writes the positions it computes into it and attends over it, copying nothing. Allocated once
-per batch, and compacted when rows leave (finished, or cut by EoTP), so they stop costing memory.
+Rows are left-padded to one width. The columns that are padding in every row of a step are left out of its
+forward (`first`), so short prompts cost their own length whenever the longest prompt is not decoding with them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+
+@dataclass
+class StepInput:
+    """What one step's forward needs of its rows (R of them), handed over by the engine each step."""
+    slots: torch.Tensor        # [R] the rows' slots: their KV cache entries and recorded predictions
+    tokens: torch.Tensor       # [R, L] token ids (left-padded prompt, then the generation region)
+    real: torch.Tensor         # [R, L] bool: not left padding
+    end: torch.Tensor          # [R] live sequence end (EoTP moves it in)
+    block_start: torch.Tensor  # [R] absolute start of each row's current block
+    first_step: torch.Tensor   # [R] bool: the row's first step in this block (a cache refresh)
+
+    def subset(self, keep: torch.Tensor) -> "StepInput":
+        return StepInput(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+    def positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Rotary positions of absolute indices [R, K]: counted from each row's first real token."""
+        return (index - (~self.real).sum(1, keepdim=True)).clamp(min=0)
+
+    def first(self) -> int:
+        """The first column that is real in some row: the columns before it are padding everywhere."""
+        return int(self.real.int().argmax(1).min())
+
 
 @dataclass
 class StepLogits:
@@ -34,136 +56,132 @@ class StepLogits:
         return self.logits.gather(1, idx[..., None].expand(-1, -1, self.logits.shape[-1]))
 
 
-class BlockForward:
-    """One batch's model runner. `__call__(rows, block_start, region)`: logits for each row's block
-    (region "block") or for its whole generation region from the block on (region "generation", EoTP predict)."""
+class KVCache:
+    """Keys and values of every layer for each slot of the pool, [slots, Hkv, L + 1, hd] per layer, in the model's
+    dtype, allocated at the first store. A request owns its slot's entries while it decodes; the next request to
+    take the slot overwrites them (its first step in every block is a full forward that stores every position).
+    The position past L takes the writes of queries past a row's end, which no row attends to."""
 
-    def __init__(self, model, x: torch.Tensor, real: torch.Tensor, end: torch.Tensor, prompt_width: int,
-                 block_size: int, cache: str | None = None, refresh: str = "block"):
-        self.model, self.x, self.real, self.end = model, x, real, end      # the engine's tensors, read live
-        self.P, self.S, self.mode, self.refresh = prompt_width, block_size, cache, refresh
-        self.offset = (~real).sum(1)                                       # [B] left padding: position = index - offset
-        self.kv: list[list[torch.Tensor]] | None = None                    # per layer [k, v] [slots, Hkv, L, hd]
-        self.slot = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)   # row -> cache slot
+    def __init__(self, slots: int, length: int):
+        self.slots, self.length = slots, length
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def store(self, slots: torch.Tensor, kv, first: int, T: int):
+        """Write keys/values [R, Hkv, T - first, hd] per layer of positions first..T-1 of these slots."""
+        if self.layers is None:
+            # zeros, not empty: attention weighs masked keys' values by 0, and 0 x a stray NaN would be NaN
+            self.layers = [tuple(torch.zeros((self.slots,) + t.shape[1:2] + (self.length + 1,) + t.shape[3:],
+                                             dtype=t.dtype, device=t.device) for t in layer) for layer in kv]
+        for (kc, vc), (k, v) in zip(self.layers, kv):
+            kc[slots, :, first:T] = k
+            vc[slots, :, first:T] = v
+
+    def read(self, slots: torch.Tensor, first: int, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k, v) [R, Hkv, T + 1 - first, hd] of positions first..T (T: the spare write position). When
+        the rows are every slot in order it is the cache itself, which a cached forward writes in place; otherwise a
+        copy (what the forward writes into it, it recomputes at every step anyway)."""
+        every = len(slots) == self.slots and bool((slots == torch.arange(self.slots, device=slots.device)).all())
+        return [tuple(t[:, :, first:T + 1] if every else t[slots, :, first:T + 1] for t in layer)
+                for layer in self.layers]
+
+    def bytes(self) -> int:
+        return 0 if self.layers is None else sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+
+class BlockForward:
+    """The pool's model runner. `__call__(inp, region)`: logits for each row's block (region "block") or for its
+    whole generation region from the block on (region "generation", EoTP predict). Counts its model calls."""
+
+    def __init__(self, model, slots: int, length: int, prompt_width: int, block_size: int,
+                 cache: str | None = None, refresh: str = "block"):
+        self.model, self.P, self.S, self.mode, self.refresh = model, prompt_width, block_size, cache, refresh
+        dev = model.device
+        self.cache = KVCache(slots, length) if cache else None
         # Greedy prediction and its confidence at every position, as of the last forward that computed it: EoTP
         # "predict" reads it over the whole generation region (under dual, positions outside the block keep the
         # predictions of the block's first step, as their keys/values do).
-        self.pred_conf = torch.full(x.shape, -1.0, device=x.device)          # [B, L], -1: never computed
-        self.pred_id = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+        self.pred_conf = torch.full((slots, length), -1.0, device=dev)          # [slots, L], -1: never computed
+        self.pred_id = torch.zeros((slots, length), dtype=torch.long, device=dev)
         # NFE counts every forward, however wide: a refresh="step" check runs two a step
         self.forwards_per_step = 2 if cache is not None and refresh == "step" else 1
+        self.calls = 0   # model calls: a step whose rows split into full and cached forwards makes two
 
-    def __call__(self, rows: torch.Tensor, block_start: torch.Tensor, first_step: torch.Tensor,
-                 region: str = "block") -> StepLogits:
-        """rows [R]; block_start [R] absolute start of each row's block; first_step [R] bool: the row's first
-        step in this block (a cache refresh)."""
-        out = self._step(rows, block_start, first_step, region)
+    def admit(self, slots: torch.Tensor):
+        """New requests took these slots: nothing of the previous ones may be read."""
+        self.pred_conf[slots] = -1.0
+
+    def __call__(self, inp: StepInput, region: str = "block") -> StepLogits:
+        out = self._step(inp, region)
         if region == "generation":
-            self._record(rows, out)
+            self._record(inp.slots, out)
         return out
 
-    def _record(self, rows, out: StepLogits):
+    def _record(self, slots, out: StepLogits):
         """Keep the greedy prediction and its softmax confidence at every position this forward computed."""
         top, arg = out.logits.float().max(dim=-1)                      # [R, K]
         conf = torch.exp(top - out.logits.float().logsumexp(dim=-1))
-        r = rows[:, None].expand_as(out.positions)[out.valid]
+        r = slots[:, None].expand_as(out.positions)[out.valid]
         at = out.positions[out.valid]
         self.pred_conf[r, at], self.pred_id[r, at] = conf[out.valid], arg[out.valid]
 
-    def _step(self, rows, block_start, first_step, region) -> StepLogits:
+    def _step(self, inp: StepInput, region) -> StepLogits:
         if self.mode is None:
-            return self._full(rows, block_start, region, store=False)
-        self._compact(rows)
-        full = first_step.clone() if self.kv is not None else torch.ones_like(first_step)
+            return self._full(inp, region, store=False)
+        full = inp.first_step.clone() if self.cache.layers is not None else torch.ones_like(inp.first_step)
         if self.refresh == "step":                                         # exactness check: store, then read
-            fresh = self._full(rows, block_start, region, store=True)
+            fresh = self._full(inp, region, store=True)
             if region == "generation":   # the whole region's predictions are fresh too
-                self._record(rows, fresh)
+                self._record(inp.slots, fresh)
             full[:] = False
-        out = [None] * 2
-        groups = (rows[full], rows[~full])
-        if len(groups[0]):
-            out[0] = self._full(groups[0], block_start[full], region, store=True)
-        if len(groups[1]):
-            out[1] = self._cached(groups[1], block_start[~full], region)
-        return _merge(full, out)
+        parts = [self._full(inp.subset(full), region, store=True) if bool(full.any()) else None,
+                 self._cached(inp.subset(~full), region) if bool((~full).any()) else None]
+        return _merge(full, parts)
 
     # ---- the forwards ------------------------------------------------------------------------------------------
 
-    def _full(self, rows, block_start, region, store: bool) -> StepLogits:
+    def _full(self, inp: StepInput, region, store: bool) -> StepLogits:
         """Every live position of each row through the model; keys/values stored when `store`."""
-        dev, x = self.x.device, self.x
-        T = int(self.end[rows].max())
-        span = torch.arange(T, device=dev)
-        attn = self.real[rows, :T] & (span < self.end[rows, None])                       # [R, T]
-        at = self._region(rows, block_start, region, T)                                  # [R, K]
-        out = self.model(x[rows, :T], None if bool(attn.all()) else attn, logits_at=at.clamp(max=T - 1),
-                         **({"positions": self._positions(rows, span.expand(len(rows), -1)), "return_kv": True}
+        self.calls += 1
+        dev = inp.tokens.device
+        first, T = inp.first(), int(inp.end.max())
+        span = torch.arange(first, T, device=dev)
+        attn = inp.real[:, first:T] & (span < inp.end[:, None])                          # [R, T - first]
+        at = self._region(inp, region, T)                                                # [R, K] absolute
+        out = self.model(inp.tokens[:, first:T], None if bool(attn.all()) else attn,
+                         logits_at=(at.clamp(max=T - 1) - first),
+                         **({"positions": inp.positions(span.expand(len(inp.end), -1)), "return_kv": True}
                             if store else {}))
         if store:
             out, kv = out
-            self._store(rows, kv, T)
-        return StepLogits(at, out, at < self.end[rows, None])
+            self.cache.store(inp.slots, kv, first, T)
+        return StepLogits(at, out, at < inp.end[:, None])
 
-    def _cached(self, rows, block_start, region) -> StepLogits:
-        dev, L, S = self.x.device, self.x.shape[1], self.S
-        end = self.end[rows, None]
+    def _cached(self, inp: StepInput, region) -> StepLogits:
+        self.calls += 1
+        dev, L, S = inp.tokens.device, inp.tokens.shape[1], self.S
+        end = inp.end[:, None]
         # queries: dual the block; prefix the block and everything after it (so EoTP predict sees the rest)
-        width = S if self.mode == "dual" else int((self.end[rows] - block_start).max())
-        q = block_start[:, None] + torch.arange(width, device=dev)                       # [R, W] absolute
+        width = S if self.mode == "dual" else int((inp.end - inp.block_start).max())
+        q = inp.block_start[:, None] + torch.arange(width, device=dev)                   # [R, W] absolute
         q_ok = q < end
         qc = q.clamp(max=L - 1)
-        # Keys: every position before the rows' longest end, read from the cache, except the positions this
-        # forward computes, which it writes over in place. A query past its row's end (EoTP cut, or a row
-        # shorter than the widest) writes to the slot just past the keys, which no row attends to.
-        Tk = int(self.end[rows].max())
-        span = torch.arange(Tk + 1, device=dev)
-        k_ok = (span < end) & self.real[rows][:, span.clamp(max=L - 1)]                  # [R, Tk + 1]
-        slots = self.slot[rows]
-        if torch.equal(slots, torch.arange(self.kv[0][0].shape[0], device=dev)):   # every row, in slot order:
-            cache = [(k[:, :, :Tk + 1], v[:, :, :Tk + 1]) for k, v in self.kv]        # the cache itself
-        else:   # others are at a block's first step (a full forward): a copy of these rows' slots
-            cache = [(k[slots, :, :Tk + 1], v[slots, :, :Tk + 1]) for k, v in self.kv]
+        # Keys: every position from the first real column to the rows' longest end, read from the cache, except the
+        # positions this forward computes, which it writes over in place. A query past its row's end (EoTP cut,
+        # or a row shorter than the widest) writes to the spare position just past the keys, which no row attends.
+        first, Tk = inp.first(), int(inp.end.max())
+        span = torch.arange(first, Tk + 1, device=dev)
+        k_ok = (span < end) & inp.real[:, span.clamp(max=L - 1)]                         # [R, Tk + 1 - first]
         at = q if region == "generation" or self.mode == "dual" else q[:, :S]              # [R, K] absolute
-        at_idx = (at - block_start[:, None]).clamp(max=width - 1)
-        logits = self.model(self.x[rows[:, None], qc], k_ok, logits_at=at_idx, positions=self._positions(rows, qc),
-                            kv_cache=cache, write_at=torch.where(q_ok, q, Tk))
+        at_idx = (at - inp.block_start[:, None]).clamp(max=width - 1)
+        logits = self.model(inp.tokens.gather(1, qc), k_ok, logits_at=at_idx, positions=inp.positions(qc),
+                            kv_cache=self.cache.read(inp.slots, first, Tk), write_at=torch.where(q_ok, q, Tk) - first)
         return StepLogits(at, logits, at < end)
 
-    def _region(self, rows, block_start, region, T) -> torch.Tensor:
-        dev = self.x.device
+    def _region(self, inp: StepInput, region, T) -> torch.Tensor:
+        dev = inp.tokens.device
         if region == "block":
-            return block_start[:, None] + torch.arange(self.S, device=dev)
-        return torch.arange(self.P, T, device=dev).expand(len(rows), -1)
-
-    def _positions(self, rows, index) -> torch.Tensor:
-        """Rotary positions of absolute indices [R, K]: counted from each row's first real token."""
-        return (index - self.offset[rows, None]).clamp(min=0)
-
-    # ---- the cache ---------------------------------------------------------------------------------------------
-
-    def _store(self, rows, kv, T: int):
-        if self.kv is None:   # allocated once, for the rows present at the batch's first step; one spare slot
-            B, L = self.x.shape   # past the last position takes the writes of queries past a row's end
-            # zeros, not empty: attention weighs masked keys' values by 0, and 0 x a stray NaN would be NaN
-            self.kv = [[torch.zeros((B,) + t.shape[1:2] + (L + 1,) + t.shape[3:], dtype=t.dtype, device=t.device)
-                        for t in layer] for layer in kv]
-            self.slot = torch.arange(B, device=self.x.device)
-        for (kc, vc), (k, v) in zip(self.kv, kv):
-            kc[self.slot[rows], :, :T] = k
-            vc[self.slot[rows], :, :T] = v
-
-    def _compact(self, live: torch.Tensor):
-        """Drop the slots of rows that left: the cache shrinks to the rows still decoding."""
-        if self.kv is None or len(live) == self.kv[0][0].shape[0]:
-            return
-        keep = self.slot[live]
-        self.kv = [[t[keep] for t in layer] for layer in self.kv]
-        self.slot[:] = -1
-        self.slot[live] = torch.arange(len(live), device=self.x.device)
-
-    def cache_bytes(self) -> int:
-        return 0 if self.kv is None else sum(t.numel() * t.element_size() for layer in self.kv for t in layer)
+            return inp.block_start[:, None] + torch.arange(self.S, device=dev)
+        return torch.arange(self.P, T, device=dev).expand(len(inp.end), -1)
 
 
 def _merge(full: torch.Tensor, parts) -> StepLogits:

@@ -7,6 +7,8 @@ Ties in confidence go to the lowest position (LLaDA's topk leaves ties unspecifi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -54,3 +56,71 @@ def learn2pd_rule(confidence, masked, filt, tau: float, k: torch.Tensor, block: 
     logits (a filter of learn2pd_core.filter; the paper's reads the confidences only)."""
     logits = filt(confidence.to(next(filt.parameters()).dtype), masked, block, step)
     return (masked & (torch.sigmoid(logits) > tau)) | top_k(confidence, masked, k)
+
+
+# ---- commit rules: built once from the config, each with one job -------------------------------------------------
+
+@dataclass
+class Step:
+    """What a commit rule sees of one decoding step, R rows by S block positions."""
+    confidence: torch.Tensor   # [R, S] softmax confidence of each prediction
+    predicted: torch.Tensor    # [R, S] predicted token ids
+    masked: torch.Tensor       # [R, S] bool: still masked (and not cut by EoTP)
+    top_k: torch.Tensor        # [R] tokens the vanilla schedule commits at this step (at least one)
+    block: torch.Tensor        # [R] each row's block index
+    step: torch.Tensor         # [R] each row's step within its block
+    reference: torch.Tensor | None = None   # [R, S] egp: the reference answer's tokens at the block
+
+
+class CommitRule:
+    """Which masked positions of each row's block become final this step, and the tokens written there."""
+
+    def __call__(self, s: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokens(self, s: Step) -> torch.Tensor:
+        return s.predicted
+
+
+class Vanilla(CommitRule):
+    def __call__(self, s):
+        return top_k(s.confidence, s.masked, s.top_k)
+
+
+@dataclass
+class Threshold(CommitRule):
+    tau: float
+
+    def __call__(self, s):
+        return threshold_rule(s.confidence, s.masked, self.tau)
+
+
+@dataclass
+class Factor(CommitRule):
+    factor: float
+
+    def __call__(self, s):
+        return factor_rule(s.confidence, s.masked, self.factor)
+
+
+class ExtremelyGreedy(CommitRule):
+    def __call__(self, s):
+        return egp_rule(s.confidence, s.masked, s.predicted, s.reference)
+
+    def tokens(self, s):   # the oracle writes reference tokens only
+        return s.reference
+
+
+@dataclass
+class Learned(CommitRule):
+    filter: torch.nn.Module
+    tau: float
+
+    def __call__(self, s):
+        return learn2pd_rule(s.confidence, s.masked, self.filter, self.tau, s.top_k, s.block, s.step)
+
+
+def make_rule(policy: str, tau: float | None, factor: float, filt=None) -> CommitRule:
+    """The config's commit rule (tau: the threshold in force, DecodeConfig.tau)."""
+    return {"vanilla": Vanilla, "threshold": lambda: Threshold(tau), "factor": lambda: Factor(factor),
+            "egp": ExtremelyGreedy, "learn2pd": lambda: Learned(filt, tau)}[policy]()

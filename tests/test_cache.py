@@ -7,6 +7,8 @@ from conftest import prompts_of_lengths, split_request
 from learn2pd_core import ConfigError, ContextFilter, DecodeConfig, FilterMLP, generate
 
 PROMPTS = prompts_of_lengths(5, 11, 3, 8)
+# More prompts than slots, of different lengths: finished rows' slots (and KV cache entries) go to waiting prompts.
+QUEUE, SLOTS = prompts_of_lengths(5, 11, 3, 8, 14, 2, 9, seed=2), 3
 
 
 def _filter(variant=FilterMLP):
@@ -31,11 +33,12 @@ def _cases():
             yield f"{name}{'+eotp-' + eotp if eotp else ''}", {**kw, "eotp": eotp}
 
 
-def _decode(model, kw, prompts, **extra):
+def _decode(model, kw, prompts, slots=None, **extra):
     kw, request = split_request(kw)
     if request.get("references") == "vanilla":   # the oracle's reference: the model's own greedy answer, no cache
         request["references"] = [r.token_ids for r in generate(model, prompts, DecodeConfig(gen_length=32, block_size=8))]
-    return generate(model, prompts, DecodeConfig(gen_length=32, block_size=8, **kw, **extra), **request)
+    return generate(model, prompts, DecodeConfig(gen_length=32, block_size=8, **kw, **extra), batch_size=slots,
+                    **request)
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -54,10 +57,11 @@ def test_refreshing_every_step_reproduces_no_cache(llada_toy, llada_eos_toy, cac
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("name,kw", list(_cases()), ids=[n for n, _ in _cases()])
 def test_cached_batch_equals_per_row(llada_toy, llada_eos_toy, cache, name, kw):
-    """Rows in different blocks, with different ends (EoTP), share each forward and still decode as alone."""
+    """Rows in different blocks, with different ends (EoTP), share each forward and still decode as alone, also
+    when a finished row's slot and cache entries go to the next waiting prompt."""
     model = llada_eos_toy if kw["eotp"] else llada_toy
-    batched = _decode(model, kw, PROMPTS, cache=cache)
-    for i, (prompt, b) in enumerate(zip(PROMPTS, batched)):
+    batched = _decode(model, kw, QUEUE, slots=SLOTS, cache=cache)
+    for i, (prompt, b) in enumerate(zip(QUEUE, batched)):
         row_kw = {**kw, "references": "vanilla"} if kw.get("references") else kw
         single = _decode(model, row_kw, [prompt], cache=cache)[0]
         assert b.token_ids == single.token_ids
@@ -102,29 +106,25 @@ def test_cached_forwards_cover_only_what_the_mode_recomputes(llada_toy):
                 step += 1
 
 
-def test_cache_memory_follows_the_rows_still_decoding(llada_eos_toy):
-    from learn2pd_core.forward import BlockForward
-    import learn2pd_core.engine as engine
+def test_the_cache_holds_one_entry_per_slot_and_waiting_prompts_reuse_them(llada_eos_toy):
+    from learn2pd_core.forward import KVCache
 
-    sizes = []
-    original = BlockForward._compact
+    stores = []
+    original = KVCache.store
 
-    def spy(self, live):
-        original(self, live)
-        sizes.append((len(live), self.cache_bytes()))
+    def spy(self, slots, kv, first, T):
+        original(self, slots, kv, first, T)
+        stores.append((slots.tolist(), self.bytes()))
 
-    engine.BlockForward._compact = spy
+    KVCache.store = spy
     try:
-        prompts = prompts_of_lengths(5, 11, 3, 8, 6, 9)
-        generate(llada_eos_toy, prompts, DecodeConfig(gen_length=64, block_size=8, eotp="commit", cache="dual"))
+        out = generate(llada_eos_toy, QUEUE, DecodeConfig(gen_length=64, block_size=8, eotp="commit", cache="dual"),
+                       batch_size=SLOTS)
     finally:
-        engine.BlockForward._compact = original
-    allocated = [(n, b) for n, b in sizes if b]
-    first_rows, first_bytes = allocated[0]
-    assert first_rows == 6
-    per_row = first_bytes / first_rows
-    assert all(b == n * per_row for n, b in allocated)   # one slot per live row, nothing more
-    assert min(n for n, _ in allocated) < 6              # rows left (EoTP) and took their slots with them
+        KVCache.store = original
+    assert len({b for _, b in stores}) == 1                  # allocated once, for the slots, never grown
+    assert {s for slots, _ in stores for s in slots} == set(range(SLOTS))
+    assert len(out) == len(QUEUE) > SLOTS                    # 7 prompts' entries lived in 3 slots
 
 
 def test_method_names_compose_with_the_cache():

@@ -79,7 +79,7 @@ def test_calibration_bins_and_error():
 def test_filter_errors_name_the_problem(tmp_path):
     save_filter(FilterMLP(block_size=16), tmp_path)
     with pytest.raises(ConfigError, match="trained for block_size 16 but decoding uses block_size 32"):
-        DecodeConfig(gen_length=64, block_size=32, policy="learn2pd").check_request(load_filter(tmp_path))
+        DecodeConfig(gen_length=64, block_size=32, policy="learn2pd").check_filter(load_filter(tmp_path))
     with pytest.raises(ConfigError, match="no filter at"):
         load_filter(tmp_path / "nowhere")
     (tmp_path / "filter.json").write_text(json.dumps({"block_size": 16, "hidden": 8, "layers": 2}))
