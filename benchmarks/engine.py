@@ -21,7 +21,8 @@ import time
 import torch
 
 from learn2pd_core import DEFAULTS, Learn2PDError, load_filter, load_model
-from learn2pd_core.bench import compare_methods, fit_filter_on, forward_roofline, markdown_table, roofline_lines
+from learn2pd_core.bench import (compare_methods, fit_filter_on, forward_roofline, markdown_table,  # noqa: I001
+                                  occupancy_table, roofline_lines, slot_occupancy)
 from learn2pd_core.evaluation import uncached
 from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
 
@@ -43,6 +44,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
     ap.add_argument("--filter", help="filter directory; default: fit one on instruction-family EGP traces")
     ap.add_argument("--filter-prompts-per-task", type=int, default=3)
+    ap.add_argument("--occupancy", default="learn2pd+eotp+dual",
+                    help="method whose slot occupancy is measured static against continuous, at the largest batch "
+                         "size with 4x as many prompts ('' to skip; default learn2pd+eotp+dual)")
     args = ap.parse_args(argv)
 
     families, gens = args.families.split(","), [int(g) for g in args.gen_lengths.split(",")]
@@ -67,6 +71,7 @@ def main(argv=None):
                                       score=lambda i, text: score(examples[i], text), filter=filt,
                                       gen_length=gen, block_size=args.block_size)
                 rows += [{"family": fam, "gen": gen, **r} for r in with_cache_ratio(got)]
+    occupancy = measure_occupancy(model, args, families, gens, filt)
     print(f"\n{args.model} ({str(next(model.model.parameters()).dtype).removeprefix('torch.')}) on "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.prompts} prompts per family, block {args.block_size}, "
@@ -90,6 +95,22 @@ def main(argv=None):
         worst = max((r for r in rows if r["batch"] == bs), key=lambda r: r["policy"])
         print(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time "
               f"({worst['method']}, {worst['family']}, gen {worst['gen']})")
+
+
+def measure_occupancy(model, args, families, gens, filt) -> list[dict]:
+    """Static against continuous batching: the largest batch size's slots, 4x as many prompts of the family."""
+    if not args.occupancy:
+        return []
+    slots = max(int(b) for b in args.batch_sizes.split(","))
+    rows = []
+    for fam in families:
+        examples = _spread(benchmark_examples(per_task=4 * args.prompts, seed=1, fewshot=fam == "long"), 4 * slots)
+        for gen in gens:
+            rows += [{"family": fam, "gen": gen, **r} for r in
+                     slot_occupancy(model, [e["prompt"] for e in examples], args.occupancy, slots=slots,
+                                    repeats=args.repeats, filter=filt, gen_length=gen, block_size=args.block_size)]
+    print("\nSlot occupancy, static against continuous batching:\n\n" + occupancy_table(rows))
+    return rows
 
 
 def with_cache_ratio(rows):

@@ -219,3 +219,39 @@ def fit_filter_on(model, prompts: Sequence, *, gen_length: int, block_size: int,
                   "prompts": len(prompts), "trace_rows": int(len(rows["confidence"]))}
     filt = fit_filter(**rows, variant=variant, epochs=epochs, lr=lr, seed=seed, provenance=provenance)
     return filt, len(rows["confidence"])
+
+
+def slot_occupancy(model, prompts: Sequence, method: str, *, slots: int, repeats: int = 3, filter=None,
+                   **settings) -> list[dict]:
+    """Static against continuous batching of the same prompts through `slots` slots: static decodes batches of
+    `slots` prompts one after another, each until its slowest row is done; continuous refills a finished row's slot
+    at once. Occupancy = row-steps decoded / slot-steps available; steps = batched forward passes."""
+    from .engine import Decoder
+    cfg = DecodeConfig.from_method(method, **settings)
+    rows = []
+    for scheduling in ("static", "continuous"):
+        walls = []
+        for _ in range(repeats):
+            decoder, steps, results = Decoder(model, cfg, filter, slots), 0, []
+            start = time.perf_counter()
+            for chunk in ([prompts[i:i + slots] for i in range(0, len(prompts), slots)]
+                          if scheduling == "static" else [prompts]):
+                results += decoder.run(chunk)
+                steps += decoder.steps
+            walls.append(time.perf_counter() - start)
+        wall = statistics.median(walls)
+        row_steps = sum(r.nfe for r in results) // (2 if cfg.cache and cfg.cache_refresh == "step" else 1)
+        rows.append({"method": method, "scheduling": scheduling, "slots": slots, "prompts": len(prompts),
+                     "steps": steps, "occupancy": row_steps / (steps * slots),
+                     "tok_s": sum(r.answer_tokens for r in results) / wall, "seconds": wall})
+    return rows
+
+
+def occupancy_table(rows: Sequence[dict]) -> str:
+    cols = [("family", "family", "{}"), ("gen", "gen", "{}"), ("method", "method", "{}"),
+            ("scheduling", "batching", "{}"), ("prompts", "prompts", "{}"), ("slots", "slots", "{}"),
+            ("steps", "batched forwards", "{}"), ("occupancy", "slot occupancy", "{:.1%}"),
+            ("tok_s", "tokens/s", "{:.1f}")]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in cols) + " |" for r in rows]
+    return "\n".join(lines)
