@@ -33,6 +33,7 @@ from learn2pd_core.placement import (ModelActor, check_shared_output, connect, l
 METHODS = ",".join(DEFAULT_METHODS)
 SWEEP_EXAMPLE = "0.5,0.7,0.9,0.95,0.99"
 TIMED_BATCHES = 2
+WIDE = 8   # batch_size x this: the most examples of an untimed batch, decoded through batch_size slots
 PAPER = ("paper (LLaDA-8B-Instruct, GSM8K 5-shot, A100): Learn2PD+EoTP 4.21x over vanilla at gen 256 "
          "(78.62 vs 78.70), 22.58x at gen 1024 (79.83 vs 77.60)")
 
@@ -71,7 +72,9 @@ def parse_args(argv=None):
     ap.add_argument("--long-limit", type=int,
                     help="examples per benchmark at gen lengths above 256 (default: --limit, and 6 for the tiny model "
                          "on CPU); vanilla costs one forward pass per token, so long generations dominate a CPU run")
-    ap.add_argument("--batch-size", type=int, default=16, help="examples per actor batch, decoded together (default 16)")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="decoding slots per actor, and the examples of a timed batch; an untimed batch holds up to "
+                         f"{WIDE}x as many, decoded through the slots as they free up (default 16)")
     ap.add_argument("--num-actors", type=int, help="model replicas (default: one per GPU, or one per CPU; CPU actors split the CPUs evenly)")
     ap.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
     ap.add_argument("--raw-prompts", action="store_true", help="tokenise prompts without the model's chat template")
@@ -140,23 +143,28 @@ def key(row) -> str:
 
 
 def chunks(rows: list[dict], done: set[str], batch_size: int, actors: int, timed_batches: int | None) -> list[dict]:
-    """The decoding batches of the rows not `done`, formed here rather than by Ray Data: one benchmark and gen
-    length each, at most `batch_size` examples, and small enough that a group's examples spread over every actor (a
-    lone batch of gen-1024 examples on one actor would otherwise leave the others idle). The first `timed_batches`
-    of each group (all when None) are timed: every method is decoded there as itself. Batches are cut from all rows,
-    done or not, so a resumed run times the same examples. The longest work goes first: timed batches (vanilla
-    decodes every token), then longer generations first."""
+    """The decoding batches of the rows not `done`, formed here rather than by Ray Data, one benchmark and gen length
+    each. The first `timed_batches` batches of each group hold at most `batch_size` examples (one slot each) and are
+    timed: every method is decoded there as itself. The rest of the group goes in batches of up to WIDE x
+    batch_size examples, which an actor decodes through its `batch_size` slots, refilled as rows finish; with
+    --full (timed_batches None) every batch is such a wide one, and timed. Every group spreads over all actors (a
+    lone batch of gen-1024 examples on one actor would otherwise leave the others idle). Batches are cut from all
+    rows, done or not, so a resumed run times the same examples. The longest work goes first: timed batches (vanilla
+    decodes every token), then longer generations."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["benchmark"], r["gen_length"]), []).append(r)
     out = []
     for (_, gen), group in sorted(groups.items(), key=lambda kv: -kv[0][1]):
         size = max(1, min(batch_size, -(-len(group) // actors)))
-        for n, i in enumerate(range(0, len(group), size)):
-            pending = [r for r in group[i:i + size] if key(r) not in done]
+        sampled = 0 if timed_batches is None else min(len(group), timed_batches * size)
+        wide = max(1, min(WIDE * batch_size, -(-(len(group) - sampled) // actors)))
+        cuts = [(i, min(i + size, sampled), True) for i in range(0, sampled, size)]
+        cuts += [(i, min(i + wide, len(group)), timed_batches is None) for i in range(sampled, len(group), wide)]
+        for start, stop, timed in cuts:
+            pending = [r for r in group[start:stop] if key(r) not in done]
             if pending:
-                out.append({"rows": json.dumps(pending), "timed": timed_batches is None or n < timed_batches,
-                            "gen_length": gen})
+                out.append({"rows": json.dumps(pending), "timed": timed, "gen_length": gen})
     out.sort(key=lambda c: (not c["timed"], -c["gen_length"]))   # stable: a group's batches keep their order
     return out
 

@@ -308,15 +308,20 @@ class Decoder:
 
 
 def _predict(block_logits: torch.Tensor, temperature: float, generators, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted ids and their softmax confidence. Sampling is Gumbel-max in float64 (LLaDA)."""
-    logits = block_logits.double()
-    logits[..., mask_id] = float("-inf")   # "still masked" is never a prediction: committing it would stall decoding
+    """Predicted ids [R, S] and their softmax confidence, from logits [R, S, V]. "Still masked" is never a
+    prediction: committing it would stall decoding. Greedy decoding needs one maximum and one probability per
+    position, taken in float32 (exact for bf16 and float32 logits; no float64 copy of the whole vocabulary, which
+    on LLaDA is 126,464 columns); sampling is Gumbel-max in float64, as LLaDA's."""
     if temperature == 0:
-        pred = logits.argmax(dim=-1)
-    else:
-        noise = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=logits.device)
-                             for g in generators])
-        pred = (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+        logits = block_logits.float()   # float32 logits: the step's own, which nothing reads after this
+        logits[..., mask_id] = float("-inf")
+        top, pred = logits.max(dim=-1)
+        return pred, torch.exp(top - torch.logsumexp(logits, dim=-1))
+    logits = block_logits.double()
+    logits[..., mask_id] = float("-inf")
+    noise = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=logits.device)
+                         for g in generators])
+    pred = (logits.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
     conf = torch.softmax(logits, dim=-1).gather(-1, pred[..., None]).squeeze(-1)
     return pred, conf
 

@@ -217,21 +217,25 @@ def _evaluate_job():
     return job
 
 
-def test_batches_spread_long_generations_over_every_actor_and_the_sample_survives_a_resume():
+def test_batches_spread_over_every_actor_the_untimed_ones_wide_and_the_sample_survives_a_resume():
     job = _evaluate_job()
     rows = [{"benchmark": "tiny", "gen_length": g, "example_id": str(i), "prompt": "p", "target": "{}"}
-            for g, n in ((256, 48), (1024, 6)) for i in range(n)]
+            for g, n in ((256, 200), (1024, 6)) for i in range(n)]
     chunks = job.chunks(rows, set(), batch_size=16, actors=2, timed_batches=1)
     batches = [json.loads(c["rows"]) for c in chunks]
-    # the first batch of each group is timed; timed ones first, then longest first; gen 1024 split over 2 actors
+    # The first batch of each group is timed and holds at most a batch of examples (gen 1024: 6 split over 2
+    # actors); the rest goes in wide batches for the actors' slots, split over both actors; timed ones first, then
+    # the longest generations.
     assert [(len(b), c["timed"], c["gen_length"]) for b, c in zip(batches, chunks)] == \
-        [(3, True, 1024), (16, True, 256), (3, False, 1024), (16, False, 256), (16, False, 256)]
-    assert all(c["timed"] for c in job.chunks(rows, set(), batch_size=16, actors=2, timed_batches=None))
+        [(3, True, 1024), (16, True, 256), (2, False, 1024), (1, False, 1024), (92, False, 256), (92, False, 256)]
+    full = job.chunks(rows, set(), batch_size=16, actors=2, timed_batches=None)
+    assert [(len(json.loads(c["rows"])), c["timed"]) for c in full] == [(3, True), (3, True), (100, True), (100, True)]
+    assert len(job.chunks(rows * 3, set(), batch_size=16, actors=2, timed_batches=None)) > 4   # at most 8 x 16 each
     # a resume: the first 256 batch was half written; its other half is still the timed sample
     done = {job.key(r) for r in batches[1][:8]}
     resumed = job.chunks(rows, done, batch_size=16, actors=2, timed_batches=1)
     assert [(len(json.loads(c["rows"])), c["timed"]) for c in resumed] == \
-        [(3, True), (8, True), (3, False), (16, False), (16, False)]
+        [(3, True), (8, True), (2, False), (1, False), (92, False), (92, False)]
     assert all(len({(r["benchmark"], r["gen_length"]) for r in b}) == 1 for b in batches)
     assert sorted(r["example_id"] + str(r["gen_length"]) for b in batches for r in b) == \
         sorted(r["example_id"] + str(r["gen_length"]) for r in rows)

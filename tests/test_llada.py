@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_llada
-from learn2pd_core import ModelLoadError, load_model
+from learn2pd_core import DecodeConfig, ModelLoadError, generate, load_model
 from learn2pd_core.llada import LLaDA, LLaDAConfig, positions_from_mask
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llada-tiny-ref"
@@ -266,3 +266,33 @@ def test_the_generic_masked_lm_path_still_loads_and_decodes(tmp_path):
     assert model.decode(ids) == "abc 12"
     res = generate(model, ["abc", "hello world"], DecodeConfig(gen_length=16, block_size=8))
     assert [len(r.token_ids) for r in res] == [16, 16] and all(r.nfe == 16 for r in res)
+
+
+def _predict_float64(block_logits, temperature, generators, mask_id):
+    """The engine's greedy prediction as it was written before: a float64 softmax over the whole vocabulary."""
+    logits = block_logits.double()
+    logits[..., mask_id] = float("-inf")
+    pred = logits.argmax(dim=-1)
+    return pred, torch.softmax(logits, dim=-1).gather(-1, pred[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("which", ["fixture", "tiny"])
+@pytest.mark.parametrize("method", ["vanilla", "threshold+eotp", "factor"])
+def test_float32_greedy_confidences_give_the_float64_tokens(which, method, monkeypatch, request):
+    """Greedy confidences come from a float32 max and logsumexp, not a float64 copy of the full-vocabulary logits:
+    the same tokens as the float64 softmax on this project's tiny model and on LLaDA's reference checkpoint."""
+    import learn2pd_core.engine as engine
+    if which == "fixture" and not (FIXTURE / "reference.safetensors").is_file():
+        pytest.skip("../shared/fixtures/llada-tiny-ref is not beside the checkout")
+    model = request.getfixturevalue("fixture_model") if which == "fixture" else load_model("tiny")
+    if which == "tiny":
+        from learn2pd_core.tiny.tasks import benchmark_examples
+        prompts = [e["prompt"] for e in benchmark_examples(per_task=1, seed=7)][:6]
+    else:
+        prompts = [list(range(5, 5 + n)) for n in (7, 12, 4)]
+    cfg = DecodeConfig.from_method(method, gen_length=64, block_size=16)
+    lean = generate(model, prompts, cfg)
+    monkeypatch.setattr(engine, "_predict", _predict_float64)
+    wide = generate(model, prompts, cfg)
+    assert [r.token_ids for r in lean] == [r.token_ids for r in wide]
+    assert [r.nfe for r in lean] == [r.nfe for r in wide]
