@@ -1,8 +1,11 @@
 """Stage 3 of Learn2PD: Ray Data batch inference of Learn2PD+EoTP and the baselines over the benchmarks.
 
-Ray Data shards the examples (benchmark x gen length) across actors that each hold one model replica; each
-actor decodes its batch with every method in turn (vanilla first: the speedup baseline and the EGP
-oracle's reference), so every method is timed on the same examples, actor and hardware. Per-example rows
+Ray Data shards the examples (benchmark x gen length) across actors that each hold one model replica. Every
+method's answers come from its cheapest exact form: a method without EoTP answers token for token as its +eotp
+form, which skips the blocks after the answer. Its speed is measured on a timed sample: in the first
+--timed-batches batches of each benchmark and gen length the actor decodes every method as itself, in turn
+(vanilla first: the speedup baseline), so the methods are timed on the same examples, actor and hardware;
+--full decodes every method on every example. Per-example rows
 (completion, correct, NFE, tokens, seconds) are written as atomic Parquet parts under --output/results;
 examples that cannot be decoded go to --output/errors. A rerun skips examples already written, so an
 interrupted run resumes. At the end the rows are aggregated into report.json, report.md and two figures
