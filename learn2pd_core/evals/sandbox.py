@@ -8,7 +8,7 @@ unavailable:
 1. Process boundary. The program runs under a throwaway launcher (this file, run as a script) in a new
    session, so the evaluating process is never its parent nor in its process group.
 2. Private working directory. cwd, HOME and TMPDIR are a fresh ``tempfile.mkdtemp`` directory, removed
-   after every run, timeouts included.
+   after every run, timeouts included. Under a private root (layer 7) the program sees it at /sandbox/work.
 3. Scrubbed environment. Only an allow-list reaches the program (PATH, C.UTF-8 locale, HOME, TMPDIR,
    PYTHONHASHSEED=0, PYTHONDONTWRITEBYTECODE=1): no credentials, no proxies.
 4. Resource limits on each process: RLIMIT_AS (memory), RLIMIT_CPU (SIGXCPU, then SIGKILL a second
@@ -36,14 +36,18 @@ unavailable:
    holding read-only bind mounts of the OS's program and library directories (/usr, /bin, /sbin, /lib*),
    the Python installation (sys.prefix, sys.base_prefix, the interpreter's directory, the directories of
    the shared libraries it loaded), /etc/ld.so.cache and /etc/localtime, /dev/null, zero, full, random
-   and urandom, /proc, and the working directory, the only writable place; then pivot_root (chroot where
-   "/" is not a mount point), so the rest of the host's filesystem is not in the namespace at all: not the
-   project checkout, /home, /root, /etc, /tmp (other runs' directories, Ray's sockets and files under
-   /tmp/ray), /run, /var or /sys. Read-only mounts use mount_setattr (Linux >= 5.12), else a classic
+   and urandom, /proc, and the working directory, the only writable place, at /sandbox/work rather than at
+   its host path (under /tmp), so that wherever the Python installation lives (a virtual environment under
+   /tmp, /home or the checkout), the folder above the working directory holds nothing else, and the
+   folders above the installation hold only the way down to it. Then pivot_root (chroot where "/" is not a
+   mount point), so the rest of the host's filesystem is not in the namespace at all: not the project
+   checkout, /home, /root, /etc, /tmp (other runs' directories, Ray's sockets and files under /tmp/ray),
+   /run, /var or /sys. Read-only mounts use mount_setattr (Linux >= 5.12), else a classic
    read-only remount of each mount. A namespace's pid_max is lowered to its minimum, 301 tasks (Linux >=
    6.14, a cap that holds even for root, whom RLIMIT_NPROC ignores); then the launcher drops every
    capability, so the program cannot undo any of it. Should the private root fail to build, the
-   namespaces are not used at all (fallback below), so that ``mount-namespace`` always means a private root.
+   namespaces are not used at all (fallback below), so that ``mount-namespace`` always means a private root;
+   so too where the Python installation lies under /sandbox, which the working directory has to itself.
 8. When the evaluator runs as root, the program runs as ``nobody`` if that user can run
    ``sys.executable``: RLIMIT_NPROC does not apply to root, and root's files stay out of reach.
 9. Bounded output. stdout is discarded; stderr goes to an unlinked temporary file, bounded by
@@ -120,6 +124,10 @@ _CAPABILITY_VERSION_3 = 0x20080522
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
 _DEVICES = ("null", "zero", "full", "random", "urandom")
+# Where the private root shows the working directory: a path of the sandbox's own, not the host's, so that no
+# host directory the sandbox must show (a virtual environment beside the working directory under /tmp)
+# shares a folder with it. Without a private root the program sees the host path.
+_PRIVATE_WORKDIR = "/sandbox/work"
 
 
 @dataclass(frozen=True)
@@ -186,17 +194,19 @@ def _mode() -> _Mode:
 def _run(program, mode, timeout, memory_mb, max_processes, max_file_mb, cpu_seconds):
     cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
     workdir = tempfile.mkdtemp(prefix="l2pd-sandbox-")
+    shown = _PRIVATE_WORKDIR if mode.unshare else workdir     # the working directory as the program sees it
     cgroup = None
     try:
         path = os.path.join(workdir, _PROGRAM)
-        end_marker = os.path.join(workdir, f".end-{os.urandom(16).hex()}")
+        end_name = f".end-{os.urandom(16).hex()}"
+        end_marker = os.path.join(workdir, end_name)    # where the evaluator looks for what the program made
         with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:     # bad text: SyntaxError
-            f.write(program + _END_LINE.format(path=end_marker))
+            f.write(program + _END_LINE.format(path=os.path.join(shown, end_name)))
         if mode.uid is not None:
             for p in (workdir, path):
                 os.chown(p, mode.uid, mode.uid)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir,
-               "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": shown,
+               "TMPDIR": shown, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
         watchdog = 0 if mode.cgroup else memory_mb << 20    # the launcher watches memory only without a cgroup
         cmd = [sys.executable, "-I", "-S", os.path.abspath(__file__), workdir, "1" if mode.unshare else "0",
                str(memory_mb << 20), str(cpu), str(max_file_mb << 20), str(max_processes), str(watchdog)]
@@ -580,7 +590,12 @@ def _jail(libc, workdir: str) -> list[str]:
 
 def _private_root(libc, workdir: str) -> None:
     """Make the root a fresh tmpfs with read-only bind mounts of what Python needs (see the module
-    docstring) and the working directory, read-write at its own path; the rest of the host is gone."""
+    docstring) and the working directory, read-write at _PRIVATE_WORKDIR, its cwd; the rest of the host is
+    gone."""
+    python = sorted(_python_dirs())
+    if any(_within(d, os.path.dirname(_PRIVATE_WORKDIR)) for d in python):     # raised: the probe falls back
+        raise OSError(f"the Python installation lies under {os.path.dirname(_PRIVATE_WORKDIR)}, which the "
+                      "private root keeps for the working directory")
     # The tmpfs goes over the working directory (any directory would do; this namespace is ours alone), so
     # the real one is reached through a descriptor opened first.
     keep = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
@@ -604,7 +619,7 @@ def _private_root(libc, workdir: str) -> None:
             _read_only(libc, target)    # at once: nothing later may write through it to the host
         exposed.append(path)
 
-    for path in _SYSTEM_DIRS + tuple(sorted(_python_dirs())) + _SYSTEM_FILES:
+    for path in _SYSTEM_DIRS + tuple(python) + _SYSTEM_FILES:
         if path != "/":     # a Python installed at / would expose everything: it then fails the probe
             expose(path)
     for name in _DEVICES:
@@ -614,9 +629,9 @@ def _private_root(libc, workdir: str) -> None:
                      ("stderr", "/proc/self/fd/2")):
         os.symlink(to, f"{new}/dev/{name}")
     expose("/proc")     # the pid namespace's own, mounted by unshare; read-only: no sysctl writes
-    os.makedirs(new + workdir)
+    os.makedirs(new + _PRIVATE_WORKDIR)
     _read_only(libc, new, recursive=False)
-    _mount(libc, f"/proc/self/fd/{keep}", new + workdir, None, _MS_BIND)   # the one writable mount
+    _mount(libc, f"/proc/self/fd/{keep}", new + _PRIVATE_WORKDIR, None, _MS_BIND)   # the one writable mount
     os.close(keep)
     os.chdir(new)
     pivot = _SYS_PIVOT_ROOT.get(os.uname().machine)
@@ -627,7 +642,7 @@ def _private_root(libc, workdir: str) -> None:
         # E.g. "/" is not a mount point. The old tree stays in the namespace, but out of reach: leaving a
         # chroot needs CAP_SYS_CHROOT (dropped before the program starts) or a descriptor outside (none).
         _check(libc.chroot(b"."))
-    os.chdir(workdir)
+    os.chdir(_PRIVATE_WORKDIR)
 
 
 def _python_dirs() -> set[str]:
