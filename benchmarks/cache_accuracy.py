@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import pyarrow as pa  # noqa: E402
 
 from learn2pd_core import DEFAULTS, Learn2PDError, load_filter, load_model  # noqa: E402
+from learn2pd_core.bench import publish  # noqa: E402
 from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import cache_effects, evaluate_examples, summarize  # noqa: E402
 
@@ -74,30 +75,34 @@ def main(argv=None):
     summary = summarize(results, baseline="vanilla+eotp")
     accuracy = {(r["benchmark"], r["method"]): r["accuracy"] for r in summary}
 
-    print(f"\n{args.model}, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}, "
-          f"every method with EoTP's block mode (answers = the method's without EoTP)\n")
-    print("| benchmark | method | n | accuracy % | Δacc vs vanilla [95% CI] | NFE | tokens/forward |")
-    print("|---|---|---|---|---|---|---|")
+    head = (f"{args.model}, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}, "
+            f"every method with EoTP's block mode (answers = the method's without EoTP)")
+    methods_table = ["| benchmark | method | n | accuracy % | Δacc vs vanilla [95% CI] | NFE | tokens/forward |",
+                     "|---|---|---|---|---|---|---|"]
     for r in summary:
         ci = r["acc_diff_ci"]
         diff = "" if r["method"] == "vanilla+eotp" or ci is None else \
             f"{r['acc_diff']:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
-        print(f"| {r['benchmark']} | {r['method']} | {r['examples']} | {r['accuracy']:.1f} | {diff} | "
-              f"{r['nfe']:.1f} | {r['tpf']:.2f} |")
-    print()
-    print("| benchmark | cached method | n | accuracy without cache % | with cache % | Δacc [95% CI] | within 2 points "
-          "| answers gained / lost | completions changed | tokens/s ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        methods_table.append(f"| {r['benchmark']} | {r['method']} | {r['examples']} | {r['accuracy']:.1f} | {diff} | "
+                             f"{r['nfe']:.1f} | {r['tpf']:.2f} |")
+    cache_table = ["| benchmark | cached method | n | accuracy without cache % | with cache % | Δacc [95% CI] | "
+                   "within 2 points | answers gained / lost | completions changed | tokens/s ratio |",
+                   "|---|---|---|---|---|---|---|---|---|---|"]
     by_pair = {}   # indexed once: (benchmark, method) -> {example_id: row}
     for r in results.to_pylist():
         by_pair.setdefault((r["benchmark"], r["method"]), {})[r["example_id"]] = r
     for e in cache_effects(results, summary):
         ch = pair_changes(by_pair, e["benchmark"], e["method"], e["without_cache"])
         lo, hi = e["acc_diff_ci"]
-        print(f"| {e['benchmark']} | {e['method']} | {e['paired_examples']} | "
-              f"{accuracy[(e['benchmark'], e['without_cache'])]:.1f} | {accuracy[(e['benchmark'], e['method'])]:.1f} | "
-              f"{e['acc_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {'yes' if e['within_2_points'] else 'not shown'} | "
-              f"{ch['gained']} / {ch['lost']} | {100 * ch['changed']:.0f}% | {e['tps_ratio']:.2f}x |")
+        cache_table.append(
+            f"| {e['benchmark']} | {e['method']} | {e['paired_examples']} | "
+            f"{accuracy[(e['benchmark'], e['without_cache'])]:.1f} | {accuracy[(e['benchmark'], e['method'])]:.1f} | "
+            f"{e['acc_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {'yes' if e['within_2_points'] else 'not shown'} | "
+            f"{ch['gained']} / {ch['lost']} | {100 * ch['changed']:.0f}% | {e['tps_ratio']:.2f}x |")
+    body = "\n".join([head, "", *methods_table, "", *cache_table])
+    print("\n" + body)
+    publish(__file__, f"{args.model}: {args.benchmarks.replace(',', ', ')}, gen {args.gen_length}, "
+            f"{args.examples} examples per benchmark", body, model=args.model)
 
 
 if __name__ == "__main__":

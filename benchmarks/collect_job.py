@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from collect import collect_with_actors, write_batch  # noqa: E402
 from learn2pd_core import DEFAULTS, load_model  # noqa: E402
+from learn2pd_core.bench import publish  # noqa: E402
 from learn2pd_core.placement import plan_actors  # noqa: E402
 from learn2pd_core.prompts import load_prompts  # noqa: E402
 
@@ -72,13 +73,15 @@ def main():
                         sum(o["trace_rows"] for o in out)))
     shutil.rmtree(tmp)
 
-    print(f"\n{len(rows)} prompts, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}; "
-          f"Ray start-up {init_s:.1f}s (excluded); medians of {args.repeats} runs\n")
-    print("| run | actors | decode+write s | model load s | prompts/s | trace rows/s | wall ratio vs plain |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, secs, load, trace_rows in results:
-        print(f"| {name} | {n} | {secs:.1f} | {load:.1f} | {len(rows) / secs:.2f} | {trace_rows / secs:.1f} | "
-              f"{secs / plain_s:.2f} |")
+    table = [f"{len(rows)} prompts, gen {args.gen_length}, block {args.block_size}, batch {args.batch_size}; "
+             f"Ray start-up {init_s:.1f}s (excluded); medians of {args.repeats} runs", "",
+             "| run | actors | decode+write s | model load s | prompts/s | trace rows/s | wall ratio vs plain |",
+             "|---|---|---|---|---|---|---|"]
+    table += [f"| {name} | {n} | {secs:.1f} | {load:.1f} | {len(rows) / secs:.2f} | {trace_rows / secs:.1f} | "
+              f"{secs / plain_s:.2f} |" for name, n, secs, load, trace_rows in results]
+    print("\n" + "\n".join(table))
+    publish(__file__, f"{args.model}, {len(rows)} prompts, gen {args.gen_length}, batch {args.batch_size}",
+            "\n".join(table), model=args.model)
 
 
 if __name__ == "__main__":

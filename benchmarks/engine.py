@@ -22,7 +22,7 @@ import torch
 
 from learn2pd_core import DEFAULTS, Learn2PDError, load_filter, load_model
 from learn2pd_core.bench import (compare_methods, fit_filter_on, forward_roofline, markdown_table,  # noqa: I001
-                                  occupancy_table, roofline_lines, slot_occupancy)
+                                  occupancy_table, publish, roofline_lines, slot_occupancy)
 from learn2pd_core.evaluation import uncached
 from learn2pd_core.tiny.tasks import benchmark_examples, instruction_examples, score
 
@@ -72,11 +72,13 @@ def main(argv=None):
                                       gen_length=gen, block_size=args.block_size)
                 rows += [{"family": fam, "gen": gen, **r} for r in with_cache_ratio(got)]
     occupancy = measure_occupancy(model, args, families, gens, filt)
-    print(f"\n{args.model} ({str(next(model.model.parameters()).dtype).removeprefix('torch.')}) on "
+    dtype = str(next(model.model.parameters()).dtype).removeprefix('torch.')
+    print(f"\n{args.model} ({dtype}) on "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.prompts} prompts per family, block {args.block_size}, "
           f"median of {args.repeats}\n")
     print(markdown_table(rows))
+    notes = []   # printed as they come, and published below the table
     for fam in families:
         for gen in gens:
             part = [r for r in rows if r["family"] == fam and r["gen"] == gen]
@@ -84,17 +86,28 @@ def main(argv=None):
             sizes = sorted({r["batch"] for r in part})
             if len(sizes) > 1 and ("vanilla", sizes[0]) in by:
                 ratio = by[("vanilla", sizes[-1])]["tok_s"] / by[("vanilla", sizes[0])]["tok_s"]
-                print(f"\n{fam} prompts, gen {gen}: vanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: {ratio:.2f}x")
+                notes += ["", f"{fam} prompts, gen {gen}: vanilla tokens/s, batch {sizes[-1]} vs batch {sizes[0]}: "
+                              f"{ratio:.2f}x"]
+                print("\n".join(notes[-2:]))
                 # Why the ratio is what it is: the forward's FLOP rate at each size against this machine's peak.
                 seq_len = round(statistics.median(len(model.encode_prompt(p)) for p in prompts_of[fam])) + gen
                 small = by[("vanilla", sizes[0])]
                 roof = forward_roofline(model, seq_len, (sizes[0], sizes[-1]),
                                         forward_share=1 - small["policy"] - small["other"])
+                notes += roofline_lines(roof)
                 print("\n".join(roofline_lines(roof)))
     for bs in sorted({r["batch"] for r in rows}):   # the policies' own bookkeeping against the whole step
         worst = max((r for r in rows if r["batch"] == bs), key=lambda r: r["policy"])
-        print(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time "
-              f"({worst['method']}, {worst['family']}, gen {worst['gen']})")
+        notes.append(f"batch {bs}: policy bookkeeping at most {worst['policy']:.1%} of decode time "
+                     f"({worst['method']}, {worst['family']}, gen {worst['gen']})")
+        print(notes[-1])
+    body = (f"{args.prompts} prompts per family, block {args.block_size}, median of {args.repeats}\n\n"
+            f"{markdown_table(rows)}\n\n```\n" + "\n".join(notes).strip() + "\n```")
+    if occupancy:
+        body += "\n\nSlot occupancy, static against continuous batching:\n\n" + occupancy_table(occupancy)
+    publish(__file__, f"{args.model} {dtype}: {args.families.replace(',', ', ')} prompts, gen "
+            f"{args.gen_lengths.replace(',', ', ')}, batch {args.batch_sizes.replace(',', ', ')}", body,
+            model=f"{args.model} ({dtype})")
 
 
 def measure_occupancy(model, args, families, gens, filt) -> list[dict]:

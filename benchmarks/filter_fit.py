@@ -26,6 +26,7 @@ import pyarrow.compute as pc  # noqa: E402
 
 import train_filter  # noqa: E402  (jobs/train_filter.py)
 from learn2pd_core import storage  # noqa: E402
+from learn2pd_core.bench import publish  # noqa: E402
 
 
 def tiled(traces: str, min_rows: int, out: str) -> tuple[str, int]:
@@ -75,13 +76,16 @@ def main():
                          statistics.median(m["final_train_loss"] for m in runs),
                          statistics.median(m["best_val_loss"] for m in runs),
                          statistics.median(m["base_rate_val_loss"] for m in runs)))
-    print(f"\n{args.variant} filter, {args.epochs} full-batch epochs, medians of {args.repeats} runs\n")
-    print(f"CPUs per worker: {args.cpus} / workers\n")
-    print("| trace set | rows | workers | precision | epochs s | trainer.fit s | params | train loss | best val loss | "
-          "base-rate loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:,} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:,} | {r[6]:.4f} | {r[7]:.4f} | {r[8]:.4f} |")
+    table = [f"{args.variant} filter, {args.epochs} full-batch epochs, medians of {args.repeats} runs; "
+             f"{args.cpus} CPUs shared by the workers; traces `{args.traces}`", "",
+             "| trace set | rows | workers | precision | epochs s | trainer.fit s | params | train loss | best val loss | "
+             "base-rate loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r[0]} | {r[1]:,} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:,} | {r[6]:.4f} | {r[7]:.4f} | {r[8]:.4f} |"
+              for r in rows]
+    print("\n" + "\n".join(table))
+    traces_model = train_filter.trace_source(args.traces)[1].get("model", "unknown")
+    publish(__file__, f"{args.variant} filter, {args.epochs:,} full-batch epochs", "\n".join(table),
+            model=f"{args.variant} filter on traces of {traces_model}")
 
 
 if __name__ == "__main__":

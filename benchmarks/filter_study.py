@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import train_filter  # noqa: E402  (jobs/train_filter.py: where the traces are)
 from learn2pd_core import DEFAULTS, Learn2PDError, fit_filter, load_model, storage  # noqa: E402
+from learn2pd_core.bench import publish  # noqa: E402
 from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import aup, evaluate_examples, family, markdown, summarize  # noqa: E402
 from learn2pd_core.filter import calibration, make_filter, validation_prompts  # noqa: E402
@@ -255,6 +256,10 @@ def main(argv=None):
     storage.write_bytes(storage.join(args.output, "report.md"), report.encode())
     storage.write_json(storage.join(args.output, "report.json"), study)
     print(report)
+    publish(__file__, "held-out traces only (--skip-decode)" if args.skip_decode else
+            f"{args.benchmarks.replace(',', ', ')}, gen {args.gen_length}, {args.examples} examples"
+            + (", every method with EoTP's block mode" if args.with_eotp else ""),
+            "\n".join(lines[2:]), model=f"{args.model}; traces `{args.traces}`")
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from learn2pd_core.bench import publish  # noqa: E402
 from learn2pd_core.llada import INDEX_FILE, LLaDA, LLaDAConfig  # noqa: E402
 
 PROBE = r"""
@@ -82,16 +83,21 @@ def main():
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         folder = Path(tmp)
         size = write_checkpoint(folder, config)
-        print(f"checkpoint: d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}: "
-              f"{params / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of bf16 shards")
-        print("| load as | anonymous memory after | peak anonymous | peak file-backed (mapped shards) | peak anonymous / file size |")
-        print("|---|---|---|---|---|")
+        table = [f"checkpoint: d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}: "
+                 f"{params / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of bf16 shards", "",
+                 "| load as | anonymous memory after | peak anonymous | peak file-backed (mapped shards) | "
+                 "peak anonymous / file size |", "|---|---|---|---|---|"]
+        print("\n".join(table))
         for dtype in ("bfloat16", "float32"):
             out = subprocess.run([sys.executable, "-c", PROBE, str(folder), dtype], capture_output=True, text=True,
                                  cwd=Path(__file__).resolve().parents[1], check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             gib = lambda key: f"{r[key] / 2**30:.2f} GiB"
-            print(f"| {dtype} | {gib('anon')} | {gib('peak_anon')} | {gib('peak_file')} | {r['peak_anon'] / size:.2f}x |")
+            table.append(f"| {dtype} | {gib('anon')} | {gib('peak_anon')} | {gib('peak_file')} | "
+                         f"{r['peak_anon'] / size:.2f}x |")
+            print(table[-1])
+    publish(__file__, f"d_model {a.d_model}, {a.layers} layers, vocabulary {a.vocab}", "\n".join(table),
+            model=f"random LLaDA-layout checkpoint, {params / 1e6:.0f}M parameters, bf16 shards")
 
 if __name__ == "__main__":
     main()

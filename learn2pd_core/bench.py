@@ -255,3 +255,114 @@ def occupancy_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def publish(script: str, title: str, body_md: str, *, model: str, command: str | None = None,
+            docs_dir: str | None = None, description: str | None = None) -> str | None:
+    """Write a benchmark's tables into its page, docs/<script stem>.md, as the section `## <title>`: the command,
+    commit, model, machine and date, then `body_md`. A section of that title already on the page is replaced in
+    place (the others are kept), so re-measuring replaces a table instead of adding one; a new title is appended.
+    The page is written atomically. `docs_dir` defaults to $LEARN2PD_DOCS_DIR, else the docs/ folder beside the
+    script's own folder (the repository's); LEARN2PD_NO_DOCS=1 writes nothing. Returns the page's path, or None."""
+    import os
+    import tempfile
+    from datetime import date
+    from pathlib import Path
+
+    if os.environ.get("LEARN2PD_NO_DOCS", "") not in ("", "0"):
+        return None
+    src = Path(script).resolve()
+    folder = Path(docs_dir or os.environ.get("LEARN2PD_DOCS_DIR") or src.parent.parent / "docs")
+    page = folder / f"{src.stem}.md"
+    command = command or command_line(script)
+    section = "\n".join([f"## {title}", "", f"- command: `{command}`", f"- commit: `{_commit(src.parent.parent)}`",
+                         f"- model: {model}", f"- machine: {machine()}", f"- date: {date.today().isoformat()}", "",
+                         *("###" + line.lstrip("#") if line.startswith(("# ", "## ")) else line   # nested under
+                           for line in body_md.strip().splitlines()), ""])                         # the section
+    text = page.read_text() if page.exists() else _page_header(src, description)
+    text = replace_section(text, title, section)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{page.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, page)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return str(page)
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """`python <script> <args>` as typed from the repository root: the script's path relative to it, and
+    `argv` (default this process's arguments)."""
+    import os
+    import shlex
+    import sys
+    from pathlib import Path
+
+    src = Path(script).resolve()
+    try:
+        path = os.path.relpath(src, src.parent.parent)
+    except ValueError:
+        path = str(src)
+    return shlex.join(["python", path, *(sys.argv[1:] if argv is None else argv)])
+
+
+def replace_section(text: str, title: str, section: str) -> str:
+    """`text` (a markdown page) with its `## <title>` section (up to the next `## ` heading) replaced by `section`,
+    or with `section` appended when it has none."""
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")] + [len(lines)]
+    for start, end in zip(heads, heads[1:]):
+        if lines[start][3:].strip() == title.strip():
+            return "\n".join(lines[:start] + section.rstrip("\n").split("\n") + [""] + lines[end:]).rstrip("\n") + "\n"
+    return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+
+
+def machine() -> str:
+    """What ran a measurement: the CUDA device, or the CPU's model, its cores and torch's threads."""
+    import os
+    import platform
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+
+def _commit(folder) -> str:
+    """The checkout's short commit, with -dirty when tracked files outside docs/ (which the benchmarks themselves
+    write) have changes; 'unknown' outside git."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _page_header(src, description: str | None) -> str:
+    """A new page's top: `# benchmarks/<script>` and one paragraph, by default the first of the script's docstring."""
+    import ast
+
+    if description is None:
+        try:
+            doc = ast.get_docstring(ast.parse(src.read_text())) or ""
+        except (OSError, SyntaxError):
+            doc = ""
+        description = " ".join(doc.split("\n\n")[0].split())
+    return f"# {src.parent.name}/{src.name}\n\n{description}\n"
