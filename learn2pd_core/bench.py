@@ -225,32 +225,38 @@ def slot_occupancy(model, prompts: Sequence, method: str, *, slots: int, repeats
                    **settings) -> list[dict]:
     """Static against continuous batching of the same prompts through `slots` slots: static decodes batches of
     `slots` prompts one after another, each until its slowest row is done; continuous refills a finished row's slot
-    at once. Occupancy = row-steps decoded / slot-steps available; steps = batched forward passes."""
+    at once. Occupancy = row-steps decoded / slot-steps available; steps = batched decoding steps; model calls
+    count the forwards (a step whose rows mix a block's first step, a full forward that refreshes the cache, with
+    cached steps makes two). The repeats alternate the two schedules, so a change in the machine's load hits both."""
     from .engine import Decoder
     cfg = DecodeConfig.from_method(method, **settings)
-    rows = []
-    for scheduling in ("static", "continuous"):
-        walls = []
-        for _ in range(repeats):
-            decoder, steps, results = Decoder(model, cfg, filter, slots), 0, []
+    schedules = {"static": [prompts[i:i + slots] for i in range(0, len(prompts), slots)], "continuous": [prompts]}
+    rows = {k: {"method": method, "scheduling": k, "slots": slots, "prompts": len(prompts), "walls": []}
+            for k in schedules}
+    for _ in range(repeats):
+        for scheduling, chunks in schedules.items():
+            decoder, steps, calls, results = Decoder(model, cfg, filter, slots), 0, 0, []
             start = time.perf_counter()
-            for chunk in ([prompts[i:i + slots] for i in range(0, len(prompts), slots)]
-                          if scheduling == "static" else [prompts]):
+            for chunk in chunks:
                 results += decoder.run(chunk)
-                steps += decoder.steps
-            walls.append(time.perf_counter() - start)
-        wall = statistics.median(walls)
-        row_steps = sum(r.nfe for r in results) // (2 if cfg.cache and cfg.cache_refresh == "step" else 1)
-        rows.append({"method": method, "scheduling": scheduling, "slots": slots, "prompts": len(prompts),
-                     "steps": steps, "occupancy": row_steps / (steps * slots),
-                     "tok_s": sum(r.answer_tokens for r in results) / wall, "seconds": wall})
-    return rows
+                steps, calls = steps + decoder.steps, calls + decoder.runner.calls
+            _sync(model.device)
+            row = rows[scheduling]
+            row["walls"].append(time.perf_counter() - start)
+            row_steps = sum(r.nfe for r in results) // (2 if cfg.cache and cfg.cache_refresh == "step" else 1)
+            row.update(steps=steps, model_calls=calls, occupancy=row_steps / (steps * slots),
+                       tokens=sum(r.answer_tokens for r in results))
+    for row in rows.values():
+        row["seconds"] = statistics.median(row.pop("walls"))
+        row["tok_s"] = row.pop("tokens") / row["seconds"]
+    return list(rows.values())
 
 
 def occupancy_table(rows: Sequence[dict]) -> str:
     cols = [("family", "family", "{}"), ("gen", "gen", "{}"), ("method", "method", "{}"),
             ("scheduling", "batching", "{}"), ("prompts", "prompts", "{}"), ("slots", "slots", "{}"),
-            ("steps", "batched forwards", "{}"), ("occupancy", "slot occupancy", "{:.1%}"),
+            ("steps", "batched steps", "{}"), ("model_calls", "model calls", "{}"),
+            ("occupancy", "slot occupancy", "{:.1%}"),
             ("tok_s", "tokens/s", "{:.1f}")]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in cols) + " |" for r in rows]
