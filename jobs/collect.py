@@ -10,29 +10,39 @@ that already have a reference or an error row, so an interrupted run resumes; --
         --prompts Muennighoff/flan --per-task 40 --raw-prompts --gpus-per-actor 1 --num-actors 8 --output s3://b/run1
 """
 import argparse
+import collections
+import contextlib
 import datetime
 import os
+import signal
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
+
+import pyarrow as pa  # noqa: E402
 
 from learn2pd_core.console import run_cli  # noqa: E402
 from learn2pd_core import DEFAULTS, DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
 from learn2pd_core.placement import (ModelActor, check_shared_output, connect, largest_node_cpus,  # noqa: E402
                                      plan_actors, summaries)
-from learn2pd_core.prompts import TINY_SOURCE, load_prompts  # noqa: E402
-from learn2pd_core.traces import collect_batch  # noqa: E402
+from learn2pd_core.prompts import TINY_SOURCE, PromptSet, failure_reason, failure_summary, read_prompts  # noqa: E402
+from learn2pd_core.traces import ERRORS, collect_batch  # noqa: E402
+
+INPUT_FAILURES = "part-input.parquet"   # errors/ part of the rows of --prompts that are not prompts, rewritten each run
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="'tiny' (embedded), a checkpoint directory or a hub id (default: tiny)")
     ap.add_argument("--prompts", default=TINY_SOURCE,
-                    help=f"'{TINY_SOURCE}', a .jsonl/.parquet file, or a Hugging Face dataset id such as Muennighoff/flan")
+                    help=f"'{TINY_SOURCE}'; a .jsonl/.parquet file, a directory or a glob of such shards, local "
+                         "or s3:// (read a batch at a time); or a Hugging Face dataset id such as Muennighoff/flan "
+                         "(streamed)")
     ap.add_argument("--prompt-column", help="column holding the prompt text (default: prompt, inputs or question)")
     ap.add_argument("--task-column", default="task", help="column holding the task type (default: task)")
-    ap.add_argument("--per-task", type=int, help="prompts sampled per task type with --seed (paper: 40); default all "
-                                                 "(tiny: 8)")
+    ap.add_argument("--per-task", type=int, help="prompts sampled per task type with --seed (paper: 40): the same "
+                                                 "sample whatever the shard layout; default all (tiny: 8)")
     ap.add_argument("--limit", type=int, help="use only the first N prompts after sampling")
     ap.add_argument("--gen-length", type=int, default=DEFAULTS.gen_length,
                     help=f"generation length (default {DEFAULTS.gen_length})")
@@ -139,47 +149,136 @@ def run(args) -> int:
     import transformers
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    prompts = load_prompts(args.prompts, per_task=args.per_task, limit=args.limit, seed=args.seed,
+    prompts = read_prompts(args.prompts, per_task=args.per_task, limit=args.limit, seed=args.seed,
                            prompt_column=args.prompt_column, task_column=args.task_column)
-    ids = [r["prompt_id"] for r in prompts]
-    if len(set(ids)) != len(ids):
-        raise Learn2PDError(f"{args.prompts} has duplicate prompt ids; give each row a unique prompt_id")
+    record_input_failures(prompts, args.output, args.prompts)   # first: a fixed row's old failure is not "done"
     done = finished_prompt_ids(args.output)
-    pending = [r for r in prompts if r["prompt_id"] not in done]
-    console.say(f"collect: {len(prompts)} prompts from {args.prompts}: {len(prompts) - len(pending)} already done, "
-                f"{len(pending)} to collect" + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
+    pending = [r for r in prompts.rows if r["prompt_id"] not in done]
+    console.say(f"collect: {len(prompts.rows)} prompts from {args.prompts}: {len(prompts.rows) - len(pending)} "
+                f"already done, {len(pending)} to collect"
+                + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
 
     if pending:
-        connect(args.verbose)
-        check_shared_output(args.output, args.shared_output)
-        totals = {"prompts": 0, "trace_rows": 0, "errors": 0}
-        with console.progress(len(pending), "collect", "prompt") as bar:
-            for batch in collect_with_actors(pending, args.output, model=args.model, gen_length=args.gen_length,
-                                             block_size=args.block_size, chat=not args.raw_prompts,
-                                             batch_size=args.batch_size, num_actors=args.num_actors,
-                                             gpus_per_actor=args.gpus_per_actor, shared_output=args.shared_output):
-                for k in totals:
-                    totals[k] += batch[k]
-                bar.update(batch["prompts"])
+        with ctrl_c_once():
+            connect_deferring_ctrl_c(args.verbose)
+            check_shared_output(args.output, args.shared_output)
+            totals = collect_pending(pending, args)
         console.say(f"this run: {totals['prompts']} prompts, {totals['trace_rows']} trace rows, "
                     f"{totals['errors']} failures")
 
-    refs = storage.read_dataset(storage.join(args.output, "references"), columns=["prompt_id", "trace_rows"])
-    errs = storage.read_dataset(storage.join(args.output, "errors"), columns=["prompt_id"])
-    n_refs = refs.num_rows if refs is not None else 0
-    n_rows = sum(refs.column("trace_rows").to_pylist()) if refs is not None else 0
-    n_errs = errs.num_rows if errs is not None else 0
+    counts, failures = output_counts(args.output)
+    if failures:
+        console.say(f"collect: {failure_summary(failures)} (all in {storage.join(args.output, 'errors')})")
     storage.write_json(storage.join(args.output, "manifest.json"), {
         "stage": "collect", "model": args.model, "prompts_source": args.prompts, "per_task": args.per_task,
         "limit": args.limit, "seed": args.seed, "chat_template": not args.raw_prompts,
         "decode": {"gen_length": args.gen_length, "block_size": args.block_size, "reference": "vanilla greedy",
                    "policy": "egp"},
-        "counts": {"prompts": len(prompts), "collected": n_refs, "trace_rows": n_rows, "errors": n_errs},
+        "counts": {"prompts": len(prompts.rows) + len(prompts.failures), **counts},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "ray": ray.__version__},
         "started": started.isoformat(), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()})
-    console.say(f"collect: {n_refs} prompts, {n_rows} trace rows, {n_errs} failures -> "
-                f"{storage.join(args.output, 'traces')}")
+    console.say(f"collect: {counts['collected']} prompts, {counts['trace_rows']} trace rows, {counts['errors']} "
+                f"failures -> {storage.join(args.output, 'traces')}")
     return 0
+
+
+def collect_pending(pending: list[dict], args) -> dict:
+    """Collect `pending` on the connected cluster with one progress bar; the run's totals."""
+    totals = {"prompts": 0, "trace_rows": 0, "errors": 0}
+    with console.progress(len(pending), "collect", "prompt") as bar:
+        for batch in collect_with_actors(pending, args.output, model=args.model, gen_length=args.gen_length,
+                                         block_size=args.block_size, chat=not args.raw_prompts,
+                                         batch_size=args.batch_size, num_actors=args.num_actors,
+                                         gpus_per_actor=args.gpus_per_actor, shared_output=args.shared_output):
+            for k in totals:
+                totals[k] += batch[k]
+            bar.update(batch["prompts"])
+    return totals
+
+
+def _interrupt_once(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not break Ray's shutdown half-way
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_once():
+    """While Ray runs, the first Ctrl-C raises KeyboardInterrupt (run_cli turns it into one line) and later ones
+    are ignored, so that Ray's shutdown, when the console session closes, runs to its end. Left as it was
+    outside the main thread, where Python cannot handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _interrupt_once)
+    yield   # not in a finally: after a Ctrl-C, SIGINT stays ignored until the job has ended
+    signal.signal(signal.SIGINT, previous)
+
+
+_connecting = {"now": False, "ctrl_c": False, "hooked": False}
+
+
+def _while_connecting(disposition):
+    def hook():
+        if _connecting["now"] and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, disposition)
+    return hook
+
+
+def _remember_ctrl_c(signum, frame):
+    _connecting["ctrl_c"] = True
+
+
+def connect_deferring_ctrl_c(verbose: bool) -> None:
+    """placement.connect, with a Ctrl-C meanwhile raised as KeyboardInterrupt once connected, and the processes of
+    a local Ray instance started deaf to it.
+
+    A terminal's Ctrl-C goes to the whole foreground process group, Ray's processes included. Ray blocks SIGINT
+    in them, but a pending one is delivered once a process unblocks it (Python's multiprocessing does, in the
+    dashboard), which then fails or keeps ray.init waiting for it up to a minute. So SIGINT is ignored in the
+    driver at each fork (a process started with SIGINT ignored keeps it ignored, as do its own children), and
+    remembered in between; and a KeyboardInterrupt in the middle of ray.init, which can leave a half-started
+    instance running after the job, never happens."""
+    if threading.current_thread() is not threading.main_thread():
+        connect(verbose)
+        return
+    if not _connecting["hooked"]:
+        # Popen runs these hooks when given a preexec_fn, as Ray's process launcher is
+        os.register_at_fork(before=_while_connecting(signal.SIG_IGN),
+                            after_in_parent=_while_connecting(_remember_ctrl_c))
+        _connecting["hooked"] = True
+    previous = signal.signal(signal.SIGINT, _remember_ctrl_c)
+    _connecting.update(now=True, ctrl_c=False)
+    try:
+        connect(verbose)
+    finally:
+        _connecting["now"] = False
+        signal.signal(signal.SIGINT, previous)
+    if _connecting["ctrl_c"]:
+        signal.raise_signal(signal.SIGINT)   # through the handler now in place, as if pressed now
+
+
+def record_input_failures(prompts: PromptSet, output: str, source: str) -> None:
+    """The rows of --prompts that are not prompts, as error rows in one part that each run rewrites: a row fixed
+    since the last run is no longer counted (its new content gives it a new id, and it is collected)."""
+    part = storage.join(output, "errors", INPUT_FAILURES)
+    if prompts.failures:
+        storage.write_table(part, pa.Table.from_pylist(prompts.failures, schema=ERRORS))
+        console.say(f"{source}: {prompts.failure_line()}; recorded in {storage.join(output, 'errors')}, the other "
+                    "rows go on")
+    elif storage.exists(part):
+        storage.delete_file(part)
+
+
+def output_counts(output: str) -> tuple[dict, list[dict]]:
+    """What the output holds, all runs together: counts of collected prompts, trace rows and failures, the
+    failures by reason; and the failures {prompt_id, error}."""
+    refs = storage.read_dataset(storage.join(output, "references"), columns=["prompt_id", "trace_rows"])
+    errs = storage.read_dataset(storage.join(output, "errors"), columns=["prompt_id", "error"])
+    failures = errs.to_pylist() if errs is not None else []
+    return {"collected": refs.num_rows if refs is not None else 0,
+            "trace_rows": sum(refs.column("trace_rows").to_pylist()) if refs is not None else 0,
+            "errors": len(failures),
+            "errors_by_reason": dict(collections.Counter(failure_reason(f["error"]) for f in failures))}, failures
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """jobs/collect.py end to end on the tiny model: real local Ray, real S3-API server on loopback."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +66,8 @@ def test_traces_match_the_oracle(local_run):
         end = v.answer_tokens + 1
         assert ref["reference_text"] == v.text and ref["reference_ids"][:end] == v.token_ids[:end]
     manifest = storage.read_json(storage.join(out, "manifest.json"))
-    assert manifest["counts"] == {"prompts": 8, "collected": 8, "trace_rows": len(traces), "errors": 0}
+    assert manifest["counts"] == {"prompts": 8, "collected": 8, "trace_rows": len(traces), "errors": 0,
+                                  "errors_by_reason": {}}
     assert manifest["decode"]["gen_length"] == 64 and manifest["model"] == MODEL
 
 
@@ -102,15 +106,97 @@ def test_bad_prompts_are_recorded_and_skipped(tmp_path):
     good = [{"prompt_id": f"ok{i}", "task": "reverse", "prompt": f"Reverse the word: abc{i}"} for i in range(3)]
     bad = [{"prompt_id": "empty", "task": "reverse", "prompt": "  "},
            {"prompt_id": "huge", "task": "reverse", "prompt": "x" * 5000},
-           {"prompt_id": "notext", "task": "reverse", "prompt": None}]
-    src.write_text("\n".join(json.dumps(r) for r in good + bad))
+           {"prompt_id": "notext", "task": "reverse", "prompt": None},
+           {"task": "reverse", "prompt": 7}]
+    lines = [json.dumps(r).encode() for r in good + bad] + [
+        b'{"task": "reverse", "prompt": "caf\xe9"}', b'{"task": "reverse", "prompt": "a \\udc80 b"}', b"{oops"]
+    src.write_bytes(b"\n".join(lines))
     out = str(tmp_path / "out")
     proc = collect("--prompts", str(src), "--output", out)
     errors = {r["prompt_id"]: r["error"] for r in rows(out, "errors")}
-    assert set(errors) == {"empty", "huge", "notext"}
-    assert "empty" in errors["empty"] and "exceeds the model's context" in errors["huge"]
+    assert set(errors) == {"empty", "huge", "notext", f"{src} line 7", f"{src} line 8", f"{src} line 9",
+                           f"{src} line 10"}
+    assert errors["empty"].startswith(f"empty prompt: {src} line 4: ") and errors["notext"].startswith("missing column")
+    assert errors[f"{src} line 7"].startswith(f"not text: {src} line 7: 'prompt' is int")
+    assert errors[f"{src} line 8"].startswith(f"not UTF-8: {src} line 8: byte 0xe9")
+    assert errors[f"{src} line 9"].startswith(f"lone surrogate: {src} line 9: 'prompt' holds the lone surrogate")
+    assert errors[f"{src} line 10"].startswith(f"not JSON: {src} line 10: ")
+    # Too long for the model: found by the actor that tokenises it, the rest of its batch goes on.
+    assert re.search(r"prompt of \d{4} tokens \+ gen_length 64 exceeds the model's context of \d+", errors["huge"])
     assert {r["prompt_id"] for r in rows(out, "references")} == {"ok0", "ok1", "ok2"}
-    assert "3 failures" in proc.stdout.splitlines()[-1]
+    said = proc.stdout.splitlines()
+    # The rows that are not prompts are said before Ray starts, in one line with their count and the first.
+    assert said[0].startswith(f"{src}: 6 failures (") and f"the first: empty: empty prompt: {src} line 4" in said[0]
+    assert "to collect" in said[1]
+    assert any(line.startswith("collect: 7 failures (") and "1 too long" in line for line in said)
+    assert "7 failures" in said[-1]
+    counts = storage.read_json(storage.join(out, "manifest.json"))["counts"]
+    assert counts["prompts"] == 10 and counts["collected"] == 3 and counts["errors"] == 7
+    assert counts["errors_by_reason"] == {"empty prompt": 1, "too long": 1, "missing column": 1, "not text": 1,
+                                          "not UTF-8": 1, "lone surrogate": 1, "not JSON": 1}
+
+
+def test_a_fixed_line_is_collected_and_no_other_prompt_again(tmp_path):
+    src, out = tmp_path / "prompts.jsonl", str(tmp_path / "out")
+    line = lambda text: json.dumps({"task": "reverse", "prompt": f"Reverse the word: {text}"}).encode()   # noqa: E731
+    src.write_bytes(b"\n".join([line("one"), b'{"task": "reverse", "prompt": "caf\xe9"}', line("three")]))
+    first = collect("--prompts", str(src), "--output", out)
+    assert "1 failure (1 not UTF-8)" in first.stdout and "1 failures" in first.stdout.splitlines()[-1]
+    before = {r["prompt_id"] for r in rows(out, "references")}
+    src.write_bytes(b"\n".join([line("zero"), line("one"), line("café"), line("three")]))   # fixed, and one more
+    second = collect("--prompts", str(src), "--output", out)
+    assert "2 already done, 2 to collect" in second.stdout
+    after = {r["prompt_id"] for r in rows(out, "references")}
+    assert before < after and len(after) == 4 and rows(out, "errors") == []
+    assert storage.read_json(storage.join(out, "manifest.json"))["counts"]["errors"] == 0
+
+
+def test_a_flan_shaped_directory_is_sampled_and_collected(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from prompts_sample import flan_rows, write_shards
+    from learn2pd_core.prompts import read_prompts
+    shards = tmp_path / "flan"
+    write_shards(flan_rows(600, seed=4, tasks=3), shards, [("a.jsonl", 0.5), ("b/c.parquet", 0.5)])
+    out = str(tmp_path / "out")
+    proc = collect("--prompts", str(shards), "--per-task", "2", "--output", out)
+    assert "collect: 8 prompts from" in proc.stdout and "0 failures" in proc.stdout.splitlines()[-1]
+    expected = {r["prompt_id"] for r in read_prompts(str(shards), per_task=2).rows}
+    assert {r["prompt_id"] for r in rows(out, "references")} == expected and len(expected) == 8
+
+
+@pytest.mark.parametrize("when", ["while Ray starts", "while collecting"])
+def test_ctrl_c_ends_the_job_in_one_line_and_leaves_no_ray_process(tmp_path, when):
+    """As a terminal does it: SIGINT to the job's whole process group, the local Ray instance it started included."""
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "collect.py"), *FAST, "--per-task", "40",
+                            "--output", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True, env={**os.environ, "RAY_ADDRESS": "local"})
+    try:
+        assert "to collect" in job.stdout.readline()
+        time.sleep(2.5)   # ray.init takes seconds here: the press comes in the middle of it
+        deadline = time.monotonic() + 300
+        while when == "while collecting" and not list(out.glob("references/part-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        _, stderr = job.communicate(timeout=120)
+        took = time.monotonic() - interrupted
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("collect: ")]  # the bar
+    assert lines == ["interrupted: rerun the same command to resume"] and job.returncode == 1, stderr[-3000:]
+    assert took < 30, took
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # Ray's processes, in the job's process group, end with it
+        try:
+            os.killpg(job.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("Ray processes of the interrupted job are still running")
+    assert (out / "collect.log").read_text().count("Started a local Ray instance") <= 1
 
 
 def test_unusable_sources_fail_at_once_with_one_line(tmp_path):

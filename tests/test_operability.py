@@ -108,16 +108,6 @@ def test_s3_endpoint_down_or_bucket_missing_is_one_line(s3_server, monkeypatch):
                                                                      "NETWORK_CONNECTION", "endpoint"))
 
 
-def test_prompt_lines_that_are_not_utf8_are_reported_and_skipped(tmp_path, capsys):
-    from learn2pd_core.prompts import load_prompts
-    path = tmp_path / "p.jsonl"
-    path.write_bytes(b'{"prompt_id": "a", "prompt": "caf\xe9"}\n{"prompt_id": "b", "prompt": "fine"}\n[1]\n')
-    rows = load_prompts(str(path))
-    assert [r["prompt_id"] for r in rows] == ["b"]
-    said = capsys.readouterr().out
-    assert "skipped 2 unreadable line(s)" in said and "line 1 is not UTF-8 (byte 0xe9" in said
-
-
 # ---------------------------------------------------------------- truncated parts on resume
 def _batch(output, ids, *, kinds=("traces", "references")):
     name = storage.part_name(ids)
