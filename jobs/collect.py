@@ -48,7 +48,10 @@ def parse_args(argv=None):
                     help=f"generation length (default {DEFAULTS.gen_length})")
     ap.add_argument("--block-size", type=int, default=DEFAULTS.block_size,
                     help=f"block size; the filter's input width (default {DEFAULTS.block_size})")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per actor batch, decoded together (default 16)")
+    ap.add_argument("--batch-size", type=int, default=128,
+                    help="prompts per actor batch, at most (fewer when the prompts would not reach every actor; "
+                         "default 128); the actor decodes them through --slots slots, refilled as rows finish")
+    ap.add_argument("--slots", type=int, default=16, help="decoding slots per actor: rows in each forward (default 16)")
     ap.add_argument("--num-actors", type=int, default=None,
                     help="model replicas, one per actor (default: one per GPU, or one per CPU on a CPU-only cluster, where the "
                          "actors split the CPUs evenly: each reserves CPUs // actors, its torch thread count)")
@@ -68,7 +71,7 @@ def parse_args(argv=None):
 
 def validate(args) -> None:
     """Everything about the settings that can be known before Ray starts or a model loads."""
-    for name in ("per_task", "limit", "batch_size", "num_actors"):
+    for name in ("per_task", "limit", "batch_size", "slots", "num_actors"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise Learn2PDError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.gpus_per_actor is not None and args.gpus_per_actor < 0:
@@ -100,17 +103,19 @@ class CollectActor(ModelActor):
 
 
 def collect_with_actors(rows: list[dict], output: str, *, model: str, gen_length: int, block_size: int, chat: bool,
-                        batch_size: int, num_actors: int | None = None, gpus_per_actor: float | None = None,
-                        shared_output: bool = False):
-    """Ray Data shards `rows` over a pool of CollectActors placed by plan_actors; yields one summary per batch
-    as it finishes."""
+                        batch_size: int, slots: int = 16, num_actors: int | None = None,
+                        gpus_per_actor: float | None = None, shared_output: bool = False, total: int | None = None):
+    """Ray Data shards `rows` over a pool of CollectActors placed by plan_actors, in batches of up to `batch_size`
+    prompts, never so large that some actor gets none of the run's `total` prompts (default: the rows; a resumed run
+    passes all its prompts, so a lost batch is redone with the same prompts together); each actor keeps its `slots`
+    slots busy through its batch. Yields one summary per batch as it finishes."""
     import ray
     gpus, cpus, actors = plan_actors(ray.cluster_resources(), gpus_per_actor, num_actors, largest_node_cpus())
     ds = ray.data.from_items(rows).map_batches(
-        CollectActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus, num_cpus=cpus,
+        CollectActor, batch_size=max(1, min(batch_size, -(-(total or len(rows)) // actors))),
+        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=cpus,
         fn_constructor_kwargs=dict(model=model, output=output, gen_length=gen_length, block_size=block_size,
-                                   chat=chat, shared_output=shared_output,
+                                   chat=chat, batch_size=slots, shared_output=shared_output,
                                    driver_node=ray.get_runtime_context().get_node_id()))
     yield from summaries(ds)
 
@@ -162,7 +167,7 @@ def run(args) -> int:
         with ctrl_c_once():
             connect_deferring_ctrl_c(args.verbose)
             check_shared_output(args.output, args.shared_output)
-            totals = collect_pending(pending, args)
+            totals = collect_pending(pending, args, len(prompts.rows))
         console.say(f"this run: {totals['prompts']} prompts, {totals['trace_rows']} trace rows, "
                     f"{totals['errors']} failures")
 
@@ -182,13 +187,15 @@ def run(args) -> int:
     return 0
 
 
-def collect_pending(pending: list[dict], args) -> dict:
-    """Collect `pending` on the connected cluster with one progress bar; the run's totals."""
+def collect_pending(pending: list[dict], args, total: int) -> dict:
+    """Collect `pending` (of the run's `total` prompts) on the connected cluster with one progress bar; the run's
+    totals."""
     totals = {"prompts": 0, "trace_rows": 0, "errors": 0}
     with console.progress(len(pending), "collect", "prompt") as bar:
         for batch in collect_with_actors(pending, args.output, model=args.model, gen_length=args.gen_length,
                                          block_size=args.block_size, chat=not args.raw_prompts,
-                                         batch_size=args.batch_size, num_actors=args.num_actors,
+                                         batch_size=args.batch_size, slots=args.slots, total=total,
+                                         num_actors=args.num_actors,
                                          gpus_per_actor=args.gpus_per_actor, shared_output=args.shared_output):
             for k in totals:
                 totals[k] += batch[k]
