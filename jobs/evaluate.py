@@ -106,14 +106,13 @@ def validate(args) -> tuple[list[str], str | None, dict]:
     except ValueError:
         raise Learn2PDError(f"--sweep {args.sweep!r} is not a comma list of thresholds, e.g. 0.9,0.99") from None
     requested = [m for m in args.methods.split(",") if m]
-    for m in requested:
-        DecodeConfig.from_method(m)   # the method's one-line error before any file is read
+    configs = [DecodeConfig.from_method(m) for m in requested]   # a bad method's one line before any file is read
     model_type = check_model(args.model)
-    if model_type != "llada" and any(DecodeConfig.from_method(m).cache for m in requested):
+    if model_type != "llada" and any(c.cache for c in configs):
         raise Learn2PDError(f"--model {args.model} is a {model_type or 'non-LLaDA'} checkpoint: the KV cache "
                             "(+prefix, +dual) needs a LLaDA checkpoint; drop those methods from --methods")
     filt = None
-    if any(DecodeConfig.from_method(m).policy == "learn2pd" for m in requested):
+    if any(c.policy == "learn2pd" for c in configs):
         if not (storage.exists(storage.join(args.filter, "filter.safetensors"))
                 or (args.filter.endswith(".safetensors") and storage.exists(args.filter))):
             raise Learn2PDError(f"no filter at {args.filter}: run jobs/train_filter.py first, pass --filter to its "

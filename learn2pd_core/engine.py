@@ -106,8 +106,7 @@ class Slots:
         self.step = torch.zeros(B, dtype=torch.long, device=dev)                        # [B] step within the block
         self.schedule = torch.zeros((B, cfg.steps_per_block), dtype=torch.long, device=dev)   # [B, steps/block]
         self.reference = torch.zeros((B, G), dtype=torch.long, device=dev)              # [B, G] egp's reference
-        self.request = [None] * B                                                       # the Request in each slot
-        self.generator = [None] * B
+        self.request: list[Request | None] = [None] * B                                 # the Request in each slot
         self.forwards_per_block = np.zeros((B, cfg.num_blocks), dtype=np.int64)
         self.tokens_per_step: list[list[int]] = [[] for _ in range(B)]
         self.admitted_at = np.zeros(B)
@@ -132,14 +131,14 @@ class Slots:
                                                       self.cfg.steps_per_block)[0]
         if request.reference is not None:
             self.reference[r] = torch.tensor(request.reference, device=self.x.device)
-        self.request[r], self.generator[r] = request, request.generator
+        self.request[r] = request
         self.forwards_per_block[r] = 0
         self.tokens_per_step[r] = []
         self.admitted_at[r] = now
 
-    def step_input(self, rows: torch.Tensor) -> StepInput:
-        return StepInput(rows, self.x[rows], self.real[rows], self.end[rows], self.block_positions(rows)[:, 0],
-                         self.step[rows] == 0)
+    def step_input(self, rows: torch.Tensor, pos: torch.Tensor) -> StepInput:
+        """The runner's inputs for these rows, whose blocks are at pos [R, S]."""
+        return StepInput(rows, self.x[rows], self.real[rows], self.end[rows], pos[:, 0], self.step[rows] == 0)
 
     def block_positions(self, rows: torch.Tensor) -> torch.Tensor:
         """[R, S] absolute positions of each row's current block."""
@@ -189,7 +188,7 @@ class Slots:
         """The finished row's result; the slot is free for the next request."""
         request, tokens = self.request[r], self.x[r, self.P:].tolist()
         answer = next((i for i, t in enumerate(tokens) if t in model.eos_token_ids), self.cfg.gen_length)
-        self.request[r] = self.generator[r] = None
+        self.request[r] = None
         return GenerationResult(request.prompt, tokens, model.decode(tokens[:answer]), answer,
                                 int(self.forwards_per_block[r].sum()), self.tokens_per_step[r],
                                 self.forwards_per_block[r].tolist(), now - float(self.admitted_at[r]))
@@ -273,9 +272,9 @@ class Decoder:
                 break
             pos = pool.block_positions(rows)                           # [R, S]
             live = pos < pool.end[rows, None]                          # positions not cut by EoTP
-            out = runner(pool.step_input(rows), region)                # predict: logits where they are read
+            out = runner(pool.step_input(rows, pos), region)           # predict: logits where they are read
             pred, conf = _predict(out.at(pos), cfg.temperature,        # ... and their confidence
-                                  [pool.generator[r] for r in rows.tolist()], mask_id)
+                                  [pool.request[r].generator for r in rows.tolist()], mask_id)
             # Cut positions are end-of-text and take no part in the forward: fixed values keep rows independent.
             pred, conf = torch.where(live, pred, eos_fill), torch.where(live, conf, 1.0)
             current = pool.x[rows[:, None], pos]
