@@ -13,6 +13,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -200,20 +202,18 @@ def test_humaneval_truncation():
 
 # ---------------------------------------------------------------- MBPP
 MBPP_SAMPLE = 100
-MBPP_TOO_SLOW = {123}   # the reference itself needs ~4 s here (amicable numbers to 9,999): times out at 3 s
 
 
 @pytest.mark.parametrize("data,sizes", SETS)
 def test_mbpp_reference_code_passes_and_corrupted_fails(data, sizes):
     """Full set: a seeded sample of 100 (+ task 367, which has setup code): all 500 take ~60 s on the 2-core
-    CI machine, too long for CI (measured once: 499 of 500 pass, all but 123, in 65 s). Slice: all 26."""
+    CI machine, too long for CI (measured once: all 500 pass, 123 since the limit is CPU time). Slice: all 26."""
     bench = load_benchmark("mbpp", source=str(data))
     assert [e["example_id"] for e in bench.examples][:2] == ["mbpp/11", "mbpp/12"]
     assert len(bench.examples) == sizes["mbpp"]
     reference = {r["task_id"]: r["code"] for r in _read_jsonl(data / "mbpp" / "mbpp.jsonl")}
     by_id = {int(e["example_id"].split("/")[1]): e for e in bench.examples}
-    pool = sorted(set(by_id) - MBPP_TOO_SLOW)
-    ids = sorted(set(random.Random(0).sample(pool, min(MBPP_SAMPLE, len(pool)))) | {367})
+    ids = sorted(set(random.Random(0).sample(sorted(by_id), min(MBPP_SAMPLE, len(by_id)))) | {367})
     ok = _score_all("mbpp", [(by_id[i], reference[i] + "\n[DONE]\nYou are an expert") for i in ids])
     assert [i for i, passed in zip(ids, ok) if not passed] == []
     fenced = f"Here you go:\n```python\n{reference[ids[0]]}\n```\nIt works."   # chat style: the fence is run
@@ -224,6 +224,35 @@ def test_mbpp_reference_code_passes_and_corrupted_fails(data, sizes):
         return reference[i] + f"\ndef {name.group(1)}(*args, **kwargs):\n    return None\n"
     corrupted = [(by_id[i], broken(i)) for i in ids[:12]] + [(by_id[ids[0]], reference[ids[0]][:-20])]
     assert not any(_score_all("mbpp", corrupted))
+
+
+# The gold solutions that need the most CPU (measured on the 2-core CI machine: mbpp/123 2.4 s, HumanEval/75
+# 0.14 s, the rest under 0.04 s).
+SLOWEST_GOLD = ("mbpp/123", "HumanEval/75", "HumanEval/147", "mbpp/244", "mbpp/235")
+
+
+@without_full
+def test_verdicts_hold_while_other_processes_load_the_cpu():
+    """Four busy processes per core: a program gets a fraction of a core, so a wall-clock limit (the harness's
+    3 s) fails mbpp/123; the CPU-time limit passes every gold solution and still fails wrong and endless ones."""
+    gold = {r["task_id"]: r["canonical_solution"] for r in _read_jsonl(FULL / "humaneval" / "HumanEval.jsonl.gz")}
+    gold |= {f"mbpp/{r['task_id']}": r["code"] for r in _read_jsonl(FULL / "mbpp" / "mbpp.jsonl")}
+    examples = {e["example_id"]: e for name in ("humaneval", "mbpp")
+                for e in load_benchmark(name, source=str(FULL)).examples if e["example_id"] in SLOWEST_GOLD}
+    cases = [(name.split("/")[0].lower(), examples[name], gold[name], True) for name in SLOWEST_GOLD]
+    cases += [("mbpp", examples["mbpp/123"], "def amicable_numbers_sum(limit):\n    while True:\n        pass\n", False),
+              ("humaneval", examples["HumanEval/75"], "    return None\n", False)]
+    # each in a session of its own: with the kernel's autogroup scheduling a session shares the CPU as one
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(4 * (os.cpu_count() or 1))]
+    try:
+        with ThreadPoolExecutor(WORKERS) as pool:
+            verdicts = list(pool.map(lambda c: score(c[0], c[1], c[2]), cases))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert verdicts == [expected for *_, expected in cases]
 
 
 def test_mbpp_prompt_has_tasks_2_3_4_and_ends_with_begin():

@@ -107,16 +107,25 @@ def test_concurrent_runs_are_independent():
 
 # ---- limits ------------------------------------------------------------------------------------------------
 
-def test_infinite_loop_times_out_promptly():
+def test_infinite_loop_times_out_on_cpu_time_promptly():
     start = time.monotonic()
-    r = run("while True:\n    pass\n", timeout=1)
-    assert r == SandboxResult(False, "timeout", "timed out after 1 s")
+    r = run("while True:\n    pass\n", cpu_seconds=1)    # wall-clock backstop: 30 s
+    assert r == SandboxResult(False, "timeout", "used up its 1 s of CPU time")
     assert time.monotonic() - start < 10
 
 
-def test_cpu_limit_kills():
-    r = run("while True:\n    pass\n", timeout=30, cpu_seconds=1)
-    assert (r.passed, r.status) == (False, "killed") and "SIGXCPU" in r.detail
+def test_catching_sigxcpu_still_times_out():
+    r = run("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass\n", cpu_seconds=1)
+    assert r == SandboxResult(False, "timeout", "used up its 1 s of CPU time")      # SIGKILL at the hard limit
+
+
+def test_a_waiting_program_hits_the_wall_clock_backstop():
+    start = time.monotonic()
+    r = run_python("import time\ntime.sleep(60)\n", cpu_seconds=1, timeout=1)
+    assert r == SandboxResult(False, "timeout", "still running after 1 s of wall-clock time")
+    assert time.monotonic() - start < 10
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        run_python("pass", cpu_seconds=0.5)
 
 
 def test_resource_limits_are_applied():
@@ -128,7 +137,7 @@ def test_resource_limits_are_applied():
         "assert r.getrlimit(r.RLIMIT_CORE) == (0, 0)\n"
         "assert r.getrlimit(r.RLIMIT_NPROC)[0] != r.RLIM_INFINITY\n"
         "open('/proc/self/status').read().index('NoNewPrivs:\\t1')\n",
-        memory_mb=256, max_file_mb=2, timeout=5.5)
+        memory_mb=256, max_file_mb=2, cpu_seconds=7)
     assert r.passed, r.detail
 
 

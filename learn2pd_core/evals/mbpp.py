@@ -2,9 +2,10 @@
 
 The completion is cut at "[DONE]". If it holds a Markdown code fence (chat models add them although the
 shots have none), the fenced code is what runs. code + test_setup_code + the three asserts must exit
-cleanly in the sandbox within 3 s (setup after the code: see `program`). CRLF line endings of mbpp.jsonl
-are normalised to "\\n" in prompts and tests.
-Known: task 123's reference solution itself needs ~4 s on a slow 2-core machine, so it times out at 3 s.
+cleanly in the sandbox within its CPU time limit (setup after the code: see `program`). CRLF line endings
+of mbpp.jsonl are normalised to "\\n" in prompts and tests. The limit is CPU time, not the harness's 3 s of
+wall clock: task 123's reference solution needs 2.4 CPU s on a 2-core machine and timed out at 3 s of wall
+clock whenever the machine was busy.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from . import CHAT_STOPS, check_shots, hub_rows, make_example, read_jsonl, requi
 STOP = ("[DONE]",) + CHAT_STOPS
 METRICS = ("correct",)
 EXECUTES_CODE = True   # sandbox errors propagate instead of counting as wrong answers
-TIMEOUT_S = 3.0
 SHOT_IDS = (2, 3, 4)
 TEST_IDS = range(11, 511)
 _FIELDS = ("task_id", "text", "code", "test_list")
@@ -73,4 +73,4 @@ def program(target: dict, code: str) -> str:
 
 def scores(target: dict, completion: str) -> dict[str, bool]:
     from .sandbox import run_checked
-    return {"correct": run_checked(program(target, extract(completion)), timeout=TIMEOUT_S)}
+    return {"correct": run_checked(program(target, extract(completion)))}

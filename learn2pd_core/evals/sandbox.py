@@ -13,7 +13,12 @@ unavailable:
    PYTHONHASHSEED=0, PYTHONDONTWRITEBYTECODE=1): no credentials, no proxies.
 4. Resource limits on each process: RLIMIT_AS (memory), RLIMIT_CPU (SIGXCPU, then SIGKILL a second
    later), RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_CORE=0, and no_new_privs (setuid binaries grant nothing).
-5. Wall-clock timeout, enforced by the evaluator, which then kills the program's whole process tree.
+   The CPU limit is the verdict's time limit: a program that uses it up is a ``timeout``. CPU time, unlike
+   wall-clock time, does not grow when other processes share the CPU, so a correct program is not scored
+   wrong because the machine is busy (the evaluator's own decoding, other scorers).
+5. Wall-clock backstop, enforced by the evaluator, which then kills the program's whole process tree: for
+   programs that wait instead of computing (sleep, a blocked read). Generous (default 6x the CPU limit), so
+   that only a program starved for that long by other load could hit it while computing.
 6. One memory limit for the whole process tree (per-process RLIMIT_AS alone lets N processes hold N times
    the limit). Where this process may create a child of its own cgroup with a memory limit (the v1 memory
    controller, e.g. as root; cgroup v2 where its cgroup.subtree_control already has "memory", which v2
@@ -80,7 +85,6 @@ import contextlib
 import ctypes
 import errno
 import functools
-import math
 import os
 import resource
 import shutil
@@ -97,8 +101,13 @@ _NOBODY = 65534
 _PROGRAM = "program.py"
 _STDERR_TAIL = 64 * 1024
 _DETAIL_CHARS = 300
-_BASE_LAYERS = ("session", "private-workdir", "scrubbed-env", "rlimits", "wall-clock-timeout", "bounded-output")
-_PROBE = "open('probe.txt', 'w').write('ok')\n"   # also proves the working directory is writable
+_BASE_LAYERS = ("session", "private-workdir", "scrubbed-env", "rlimits", "wall-clock-backstop", "bounded-output")
+_PROBE = "open('probe.txt', 'w').write('ok')\n"
+# The default time limit, in CPU seconds per process. Benchmark convention is a 3 s wall-clock limit; the
+# slowest gold solution of HumanEval / MBPP (MBPP task 123) needs 2.4 CPU s on the 2-core CI machine, so
+# 5 s leaves it a margin on slower machines while an endless loop still fails within seconds.
+CPU_SECONDS = 5
+BACKSTOP = 6    # the default wall-clock backstop, in multiples of the CPU limit   # also proves the working directory is writable
 # Appended to every program: a run passes only if this line ran (see the module docstring). Through
 # `builtins`, so that a program that defines its own `open` still passes.
 _END_LINE = "\n\n# Appended by the sandbox: only a program that runs to this line passes.\n" \
@@ -137,21 +146,24 @@ class SandboxResult:
     detail: str         # one short line, e.g. the last line of stderr ("AssertionError")
 
 
-def run_python(program: str, *, timeout: float = 3.0, memory_mb: int = 1024, max_processes: int = 32,
-               max_file_mb: int = 16, cpu_seconds: int | None = None) -> SandboxResult:
-    """Run `program` (Python source) in the sandbox. `timeout` is wall-clock seconds from the start,
-    `memory_mb` the memory of all its processes together (memory cgroup or watchdog, see layer 6) and the
-    address-space limit of each, `max_processes` how many processes and threads it may run at once, itself
-    included (RLIMIT_NPROC; never enforced for uid 0), `max_file_mb` the largest file it may write (stderr
-    included), `cpu_seconds` the CPU time of each process (default ceil(timeout) + 1, so that the
-    wall-clock timeout normally fires first). It passes only if it runs to its last line and exits 0."""
-    return _run(program, _mode(), timeout, memory_mb, max_processes, max_file_mb, cpu_seconds)[0]
+def run_python(program: str, *, cpu_seconds: int = CPU_SECONDS, timeout: float | None = None,
+               memory_mb: int = 1024, max_processes: int = 32, max_file_mb: int = 16) -> SandboxResult:
+    """Run `program` (Python source) in the sandbox. `cpu_seconds` is the time limit: whole CPU seconds
+    for each of its processes (RLIMIT_CPU); `timeout` the wall-clock backstop in seconds from the start
+    (default BACKSTOP x cpu_seconds); `memory_mb` the memory of all its processes together (memory cgroup
+    or watchdog, see layer 6) and the address-space limit of each, `max_processes` how many processes and
+    threads it may run at once, itself included (RLIMIT_NPROC; never enforced for uid 0), `max_file_mb` the
+    largest file it may write (stderr included). It passes only if it runs to its last line and exits 0."""
+    if not (isinstance(cpu_seconds, int) and cpu_seconds >= 1):
+        raise ValueError(f"cpu_seconds must be a whole number of seconds >= 1, got {cpu_seconds!r}")
+    wall = float(BACKSTOP * cpu_seconds if timeout is None else timeout)
+    return _run(program, _mode(), wall, memory_mb, max_processes, max_file_mb, cpu_seconds)[0]
 
 
-def run_checked(program: str, *, timeout: float = 3.0) -> bool:
+def run_checked(program: str, *, cpu_seconds: int = CPU_SECONDS) -> bool:
     """Whether `program` passes; raises when the sandbox itself could not run it (a broken machine must not
     look like wrong answers)."""
-    result = run_python(program, timeout=timeout)
+    result = run_python(program, cpu_seconds=cpu_seconds)
     if result.status == "error":
         raise RuntimeError(f"the sandbox could not run a program: {result.detail}")
     return result.passed
@@ -184,15 +196,14 @@ def _mode() -> _Mode:
     for ns in ([unshare] if unshare else []) + [None]:
         for uid in ([_NOBODY] if os.geteuid() == 0 else []) + [None]:
             for cg in ([cgroup] if cgroup else []) + [None]:
-                result, layers = _run(_PROBE, _Mode(ns, uid, cg), 30.0, 1024, 32, 16, None)
+                result, layers = _run(_PROBE, _Mode(ns, uid, cg), 30.0, 1024, 32, 16, 30)
                 if result.passed:
                     return _Mode(ns, uid, cg, _BASE_LAYERS + (("unprivileged-uid",) if uid is not None else ())
                                  + (("memory-cgroup",) if cg else ()) + layers)
     return _Mode(None, None, None, _BASE_LAYERS)   # even the plain launcher fails: runs will report why
 
 
-def _run(program, mode, timeout, memory_mb, max_processes, max_file_mb, cpu_seconds):
-    cpu = cpu_seconds if cpu_seconds is not None else math.ceil(timeout) + 1
+def _run(program, mode, timeout, memory_mb, max_processes, max_file_mb, cpu):
     workdir = tempfile.mkdtemp(prefix="l2pd-sandbox-")
     shown = _PRIVATE_WORKDIR if mode.unshare else workdir     # the working directory as the program sees it
     cgroup = None
@@ -253,23 +264,28 @@ def _run(program, mode, timeout, memory_mb, max_processes, max_file_mb, cpu_seco
             last = _last_line(stderr.read(_STDERR_TAIL))
         out_of_memory = "oom" in fields or (cgroup is not None and cgroup.oom_kills() > 0)
         layers = tuple(filter(None, fields.get("layers", "").split(",")))
-        return _verdict(proc.returncode, fields, last, timed_out, timeout, out_of_memory, ended, memory_mb), layers
+        return _verdict(proc.returncode, fields, last, timed_out, timeout, cpu, out_of_memory, ended,
+                        memory_mb), layers
     finally:
         if cgroup is not None:
             cgroup.remove()
         _remove(workdir)
 
 
-def _verdict(returncode, fields, last, timed_out, timeout, out_of_memory, ended, memory_mb) -> SandboxResult:
+def _verdict(returncode, fields, last, timed_out, timeout, cpu, out_of_memory, ended, memory_mb) -> SandboxResult:
     if "error" in fields:
         return SandboxResult(False, "error", _clip(fields["error"]))
     if out_of_memory:   # first: the program may have carried on after the kernel killed one of its processes
         return SandboxResult(False, "killed", f"out of memory: its processes together exceeded {memory_mb} MiB")
     if timed_out:
-        return SandboxResult(False, "timeout", f"timed out after {timeout:g} s")
+        return SandboxResult(False, "timeout", f"still running after {timeout:g} s of wall-clock time")
     code = fields.get("exit", "")
     if code.lstrip("-").isdigit():
         code = int(code)
+        used = float(fields.get("cpu", "0") or 0)
+        # SIGXCPU at the soft limit; SIGKILL at the hard one (a second later) if it caught SIGXCPU
+        if -code == signal.SIGXCPU or (-code == signal.SIGKILL and used >= cpu):
+            return SandboxResult(False, "timeout", f"used up its {cpu} s of CPU time")
         if code == 0:
             if ended:
                 return SandboxResult(True, "passed", "")
@@ -476,7 +492,8 @@ class _Cgroup:
 # ---- the launcher: `python -I -S sandbox.py WORKDIR ISOLATED MEMORY CPU FSIZE NPROC WATCHDOG` ------------------
 # Runs as the evaluator's child (fallback) or as pid 1 of the new namespaces (under unshare). It sets up
 # what must be set up from inside, forks the program, reports "layers ...", "oom" (the watchdog killed the
-# program) and "exit CODE" (negative: killed by that signal) or "error MESSAGE" on its stdout, which is a
+# program), "exit CODE" (negative: killed by that signal) and "cpu SECONDS" (the program's CPU time, with
+# the children it waited for) or "error MESSAGE" on its stdout, which is a
 # file the evaluator reads afterwards. WATCHDOG: the memory limit of the program's processes together, 0
 # where a cgroup enforces it.
 
@@ -516,26 +533,27 @@ def _launch(workdir: str, isolated: bool, memory: int, cpu: int, fsize: int, npr
         os.setpgid(program, program)    # also here, so that the group exists whichever side runs first
     if not isolated:    # the evaluator's timeout: kill the program's process group, then sweep below
         signal.signal(signal.SIGTERM, lambda *_: _sweep(program, reap=False))
-    status = _wait(program, isolated, watchdog)
+    status, usage = _wait(program, isolated, watchdog)
     _say(f"exit {os.waitstatus_to_exitcode(status)}")
+    _say(f"cpu {usage.ru_utime + usage.ru_stime:.3f}")
     if not isolated:    # in the namespace, everything left dies with us
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _sweep(program)
     return 0
 
 
-def _wait(program: int, isolated: bool, watchdog: int) -> int:
+def _wait(program: int, isolated: bool, watchdog: int) -> tuple[int, resource.struct_rusage]:
     """Reap children until the program exits (as init or subreaper we also reap its orphans); its wait
-    status. With a `watchdog` limit, meanwhile kill all the program's processes once together they hold
+    status and resource usage. With a `watchdog` limit, meanwhile kill all the program's processes once together they hold
     more than that."""
     if watchdog:
         # Blocked, SIGCHLD stays pending for sigtimedwait, which so wakes as soon as a child exits. Only
         # after the fork: the program must not inherit the blocked signal.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     while True:
-        pid, status = os.waitpid(-1, os.WNOHANG if watchdog else 0)
+        pid, status, usage = os.wait4(-1, os.WNOHANG if watchdog else 0)
         if pid == program:
-            return status
+            return status, usage
         if pid == 0:    # no child has exited: look at memory, then sleep until one does (or a while)
             tree = _program_tree(isolated)
             if sum(rss for _, rss in tree) > watchdog:
