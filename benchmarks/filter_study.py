@@ -15,7 +15,6 @@
 Writes report.md (also printed), report.json, reliability.png and tradeoff.png under --output.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 import train_filter  # noqa: E402  (jobs/train_filter.py: where the traces are)
-from learn2pd_core import DEFAULTS, Learn2PDError, fit_filter, load_model, storage  # noqa: E402
+from learn2pd_core import DEFAULTS, fit_filter, load_model, storage  # noqa: E402
 from learn2pd_core.bench import publish  # noqa: E402
 from learn2pd_core.evals import load_benchmark  # noqa: E402
 from learn2pd_core.evaluation import aup, evaluate_examples, family, markdown, summarize  # noqa: E402

@@ -11,12 +11,9 @@ that already have a reference or an error row, so an interrupted run resumes; --
 """
 import argparse
 import collections
-import contextlib
 import datetime
 import os
-import signal
 import sys
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo, for `python jobs/...`
 
@@ -164,10 +161,9 @@ def run(args) -> int:
                 + (f" (Ray's log: {console.log_path()})" if console.log_path() else ""))
 
     if pending:
-        with ctrl_c_once():
-            connect_deferring_ctrl_c(args.verbose)
-            check_shared_output(args.output, args.shared_output)
-            totals = collect_pending(pending, args, len(prompts.rows))
+        connect(args.verbose)
+        check_shared_output(args.output, args.shared_output)
+        totals = collect_pending(pending, args, len(prompts.rows))
         console.say(f"this run: {totals['prompts']} prompts, {totals['trace_rows']} trace rows, "
                     f"{totals['errors']} failures")
 
@@ -201,67 +197,6 @@ def collect_pending(pending: list[dict], args, total: int) -> dict:
                 totals[k] += batch[k]
             bar.update(batch["prompts"])
     return totals
-
-
-def _interrupt_once(signum, frame):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not break Ray's shutdown half-way
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def ctrl_c_once():
-    """While Ray runs, the first Ctrl-C raises KeyboardInterrupt (run_cli turns it into one line) and later ones
-    are ignored, so that Ray's shutdown, when the console session closes, runs to its end. Left as it was
-    outside the main thread, where Python cannot handle signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, _interrupt_once)
-    yield   # not in a finally: after a Ctrl-C, SIGINT stays ignored until the job has ended
-    signal.signal(signal.SIGINT, previous)
-
-
-_connecting = {"now": False, "ctrl_c": False, "hooked": False}
-
-
-def _while_connecting(disposition):
-    def hook():
-        if _connecting["now"] and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, disposition)
-    return hook
-
-
-def _remember_ctrl_c(signum, frame):
-    _connecting["ctrl_c"] = True
-
-
-def connect_deferring_ctrl_c(verbose: bool) -> None:
-    """placement.connect, with a Ctrl-C meanwhile raised as KeyboardInterrupt once connected, and the processes of
-    a local Ray instance started deaf to it.
-
-    A terminal's Ctrl-C goes to the whole foreground process group, Ray's processes included. Ray blocks SIGINT
-    in them, but a pending one is delivered once a process unblocks it (Python's multiprocessing does, in the
-    dashboard), which then fails or keeps ray.init waiting for it up to a minute. So SIGINT is ignored in the
-    driver at each fork (a process started with SIGINT ignored keeps it ignored, as do its own children), and
-    remembered in between; and a KeyboardInterrupt in the middle of ray.init, which can leave a half-started
-    instance running after the job, never happens."""
-    if threading.current_thread() is not threading.main_thread():
-        connect(verbose)
-        return
-    if not _connecting["hooked"]:
-        # Popen runs these hooks when given a preexec_fn, as Ray's process launcher is
-        os.register_at_fork(before=_while_connecting(signal.SIG_IGN),
-                            after_in_parent=_while_connecting(_remember_ctrl_c))
-        _connecting["hooked"] = True
-    previous = signal.signal(signal.SIGINT, _remember_ctrl_c)
-    _connecting.update(now=True, ctrl_c=False)
-    try:
-        connect(verbose)
-    finally:
-        _connecting["now"] = False
-        signal.signal(signal.SIGINT, previous)
-    if _connecting["ctrl_c"]:
-        signal.raise_signal(signal.SIGINT)   # through the handler now in place, as if pressed now
 
 
 def record_input_failures(prompts: PromptSet, output: str, source: str) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from learn2pd_core.console import run_cli  # noqa: E402
 from learn2pd_core import DEFAULTS, DecodeConfig, Learn2PDError, check_model, console, storage  # noqa: E402
 from learn2pd_core.evaluation import (DEFAULT_METHODS, aup_table, cache_effects, evaluate_examples,  # noqa: E402
-                                      exact_form, expand_methods, markdown, summarize, target_checks)
+                                      expand_methods, markdown, summarize, target_checks)
 from learn2pd_core.placement import (ModelActor, check_shared_output, connect, largest_node_cpus,  # noqa: E402
                                      plan_actors, summaries)
 

@@ -4,25 +4,87 @@ local --output can be written from every node that runs an actor."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from .errors import Learn2PDError
 
 
 def connect(verbose: bool = False):
     """ray.init on RAY_ADDRESS (or a local cluster). Unless `verbose`, Ray Data's own progress bars are off:
-    the jobs draw one bar per stage, and Ray's detail goes to the job's log file."""
+    the jobs draw one bar per stage, and Ray's detail goes to the job's log file.
+
+    Ctrl-C: a press while connecting takes effect once connected (see _connect_deaf_to_ctrl_c); from then on
+    the first press raises KeyboardInterrupt (run_cli turns it into one line) and later ones are ignored, so
+    that Ray's shutdown, when the console session closes, runs to its end."""
     import ray
 
     from . import console
-    # RAY_ADDRESS unset: the cluster `ray start` runs on this machine, else a new local one; "local": a new one
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=True)
+    main = threading.current_thread() is threading.main_thread()    # only there can Python handle signals
+    if main:
+        _connect_deaf_to_ctrl_c()
+    else:
+        _init()
     console.at_close(ray.shutdown)
     if not verbose:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.enable_operator_progress_bars = False
         ctx.print_on_execution_start = False
+    if main:
+        signal.signal(signal.SIGINT, _interrupt_once)
+        if _connecting["ctrl_c"]:
+            signal.raise_signal(signal.SIGINT)   # through the handler now in place, as if pressed now
     return ray
+
+
+def _init() -> None:
+    import ray
+    # RAY_ADDRESS unset: the cluster `ray start` runs on this machine, else a new local one; "local": a new one
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=True)
+
+
+def _interrupt_once(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not break Ray's shutdown half-way
+    raise KeyboardInterrupt
+
+
+_connecting = {"now": False, "ctrl_c": False, "hooked": False}
+
+
+def _while_connecting(disposition):
+    def hook():
+        if _connecting["now"] and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, disposition)
+    return hook
+
+
+def _remember_ctrl_c(signum, frame):
+    _connecting["ctrl_c"] = True
+
+
+def _connect_deaf_to_ctrl_c() -> None:
+    """ray.init with a Ctrl-C meanwhile only remembered, and the processes of a local Ray instance started deaf
+    to it.
+
+    A terminal's Ctrl-C goes to the whole foreground process group, Ray's processes included. Ray blocks SIGINT
+    in them, but a pending one is delivered once a process unblocks it (Python's multiprocessing does, in the
+    dashboard), which then fails or keeps ray.init waiting for it up to a minute. So SIGINT is ignored in the
+    driver at each fork (a process started with SIGINT ignored keeps it ignored, as do its own children), and
+    remembered in between; and a KeyboardInterrupt in the middle of ray.init, which can leave a half-started
+    instance running after the job, never happens."""
+    if not _connecting["hooked"]:
+        # Popen runs these hooks when given a preexec_fn, as Ray's process launcher is
+        os.register_at_fork(before=_while_connecting(signal.SIG_IGN),
+                            after_in_parent=_while_connecting(_remember_ctrl_c))
+        _connecting["hooked"] = True
+    previous = signal.signal(signal.SIGINT, _remember_ctrl_c)
+    _connecting.update(now=True, ctrl_c=False)
+    try:
+        _init()
+    finally:
+        _connecting["now"] = False
+        signal.signal(signal.SIGINT, previous)
 
 
 def plan_actors(resources: dict, gpus_per_actor: float | None, num_actors: int | None,

@@ -331,7 +331,7 @@ def _shards(source: str) -> list[str]:
     from . import storage
     base = _glob_base(source) if _has_glob(source) else source.rstrip("/")
     fs, path = storage.resolve(base)
-    with storage._named("list the prompts in", base):
+    with storage.named("list the prompts in", base):
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.NotFound:
             raise Learn2PDError(f"prompt source {base} does not exist; pass a .jsonl or .parquet file, a directory "
@@ -367,7 +367,7 @@ def _is_data(relative: str) -> bool:
 def _jsonl_records(uri: str):
     from . import storage
     fs, path = storage.resolve(uri)
-    with storage._named("read prompts from", uri), fs.open_input_stream(path, compression="detect") as raw:
+    with storage.named("read prompts from", uri), fs.open_input_stream(path, compression="detect") as raw:
         for number, line in enumerate(io.BufferedReader(raw, 1 << 20), 1):
             if line.strip():
                 yield (uri, "line", number), _parse_line(line)
@@ -398,7 +398,7 @@ def _parquet_records(uri: str, columns: set[str]):
     from . import storage
     fs, path = storage.resolve(uri)
     index = 0
-    with storage._named("read prompts from", uri), fs.open_input_file(path) as f:
+    with storage.named("read prompts from", uri), fs.open_input_file(path) as f:
         try:
             shard = pq.ParquetFile(f)
             names = [c for c in shard.schema_arrow.names if c in columns]

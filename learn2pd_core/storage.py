@@ -27,7 +27,7 @@ class StorageError(Learn2PDError, OSError):
 
 
 @contextlib.contextmanager
-def _named(action: str, uri: str):
+def named(action: str, uri: str):
     """Turn pyarrow's and the OS's errors (multi-line AWS messages included) into one line naming `uri`."""
     try:
         yield
@@ -68,7 +68,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp" if isinstance(fs, pafs.LocalFileSystem) else path
-    with _named("write", uri):
+    with named("write", uri):
         fs.create_dir(parent, recursive=True)
         try:
             with fs.open_output_stream(tmp) as out:
@@ -82,7 +82,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with _named("read", uri), fs.open_input_stream(path) as f:
+    with named("read", uri), fs.open_input_stream(path) as f:
         return f.read()
 
 
@@ -114,14 +114,14 @@ def write_table(uri: str, table: pa.Table) -> None:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    with _named("look up", uri):
+    with named("look up", uri):
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_parts(uri: str, suffix: str = ".parquet") -> list[str]:
     """Finished part files directly under a dataset directory, sorted (temporary files excluded)."""
     fs, path = resolve(uri)
-    with _named("list", uri):
+    with named("list", uri):
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
@@ -134,7 +134,7 @@ def read_dataset(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     tables = []
     for part in list_parts(uri):
         fs, path = resolve(part)
-        with _named("read Parquet part", part):
+        with named("read Parquet part", part):
             tables.append(pq.read_table(path, filesystem=fs, columns=columns))
     return pa.concat_tables(tables) if tables else None
 
@@ -166,14 +166,14 @@ def drop_unreadable_batches(uri: str, kinds: tuple[str, ...]) -> list[str]:
 
 def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
-    with _named("delete", uri):
+    with named("delete", uri):
         fs.delete_file(path)
 
 
 def remove(uri: str) -> None:
     """Delete a directory (or prefix) and everything under it; nothing to do if absent."""
     fs, path = resolve(uri)
-    with _named("delete", uri):
+    with named("delete", uri):
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
 
