@@ -47,6 +47,8 @@ def main(argv=None):
     ap.add_argument("--occupancy", default="learn2pd+eotp+dual",
                     help="method whose slot occupancy is measured static against continuous, at the largest batch "
                          "size with 4x as many prompts ('' to skip; default learn2pd+eotp+dual)")
+    ap.add_argument("--label", default="", help="appended to the docs section's title, so that a run with other "
+                    "methods on the same prompts gets a section of its own (e.g. 'eager against captured')")
     args = ap.parse_args(argv)
 
     families, gens = args.families.split(","), [int(g) for g in args.gen_lengths.split(",")]
@@ -106,7 +108,8 @@ def main(argv=None):
     if occupancy:
         body += "\n\nSlot occupancy, static against continuous batching:\n\n" + occupancy_table(occupancy)
     publish(__file__, f"{args.model} {dtype}: {args.families.replace(',', ', ')} prompts, gen "
-            f"{args.gen_lengths.replace(',', ', ')}, batch {args.batch_sizes.replace(',', ', ')}", body,
+            f"{args.gen_lengths.replace(',', ', ')}, batch {args.batch_sizes.replace(',', ', ')}"
+            + (f": {args.label}" if args.label else ""), body,
             model=f"{args.model} ({dtype})")
 
 

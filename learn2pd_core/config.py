@@ -26,7 +26,7 @@ CACHE_MODES = ("prefix", "dual")
 CACHE_REFRESH = ("block", "step")
 # A method name's suffixes and the setting each one stands for ('learn2pd+eotp+dual@0.9').
 METHOD_SUFFIXES = {"eotp": ("eotp", "block"), "eotp-commit": ("eotp", "commit"), "eotp-predict": ("eotp", "predict"),
-                   "prefix": ("cache", "prefix"), "dual": ("cache", "dual")}
+                   "prefix": ("cache", "prefix"), "dual": ("cache", "dual"), "captured": ("capture", True)}
 
 
 @dataclass
@@ -42,6 +42,7 @@ class DecodeConfig:
     seed: int = 0
     cache: str | None = None          # None, "prefix" or "dual" (LLaDA checkpoints only)
     cache_refresh: str = "block"      # "block" (Fast-dLLM) or "step" (exact; for checking the cached path)
+    capture: bool = False             # dual cache: compile its block step at fixed, bucketed shapes (forward.py)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -69,6 +70,9 @@ class DecodeConfig:
             raise ConfigError(f"unknown cache {self.cache!r}; choose None, 'prefix' or 'dual'")
         if self.cache_refresh not in CACHE_REFRESH:
             raise ConfigError(f"unknown cache_refresh {self.cache_refresh!r}; choose 'block' (default) or 'step'")
+        if self.capture and (self.cache != "dual" or self.cache_refresh != "block"):
+            raise ConfigError("capture compiles the dual cache's block step: use it with cache='dual' and "
+                              "cache_refresh='block'")
         if self.factor <= 0:
             raise ConfigError(f"factor {self.factor} must be > 0 (Fast-dLLM default 1.0)")
         self._check_threshold()
@@ -109,8 +113,9 @@ class DecodeConfig:
     @classmethod
     def from_method(cls, method: str, **settings) -> "DecodeConfig":
         """Config for a method name as used on command lines: a policy, then optionally '+eotp' (block),
-        '+eotp-commit' or '+eotp-predict', '+prefix' or '+dual' (KV cache), and '@τ' (e.g. 'learn2pd+eotp+dual@0.9',
-        'threshold+prefix', 'threshold@0.7'); `settings` supply the rest (gen_length, block_size, ...)."""
+        '+eotp-commit' or '+eotp-predict', '+prefix' or '+dual' (KV cache), '+captured' (dual: the compiled step) and
+        '@τ' (e.g. 'learn2pd+eotp+dual@0.9', 'threshold+prefix', 'threshold@0.7'); `settings` supply the rest
+        (gen_length, block_size, ...)."""
         name, _, tau = method.partition("@")
         policy, *suffixes = name.split("+")
         chosen = {}
@@ -118,7 +123,8 @@ class DecodeConfig:
             key, value = METHOD_SUFFIXES.get(suffix, (None, None))
             if key is None or key in chosen:
                 raise ConfigError(f"unknown method {method!r}: use a policy ({', '.join(POLICIES)}) optionally followed "
-                                  "by +eotp, +eotp-commit or +eotp-predict, by +prefix or +dual, and by @<threshold>")
+                                  "by +eotp, +eotp-commit or +eotp-predict, by +prefix or +dual (+captured), and by "
+                                  "@<threshold>")
             chosen[key] = value
         if tau:
             try:
@@ -139,9 +145,10 @@ class DecodeConfig:
     @property
     def method(self) -> str:
         """The canonical method name, which from_method parses back to this config: the policy, its EoTP mode, its
-        cache, then @τ when one is set ('threshold+eotp+dual@0.7')."""
+        cache (and +captured), then @τ when one is set ('threshold+eotp+dual@0.7')."""
         suffix = {setting: name for name, setting in METHOD_SUFFIXES.items()}
-        parts = [self.policy] + [suffix[(key, value)] for key, value in (("eotp", self.eotp), ("cache", self.cache)) if value]
+        parts = [self.policy] + [suffix[(key, value)] for key, value in (("eotp", self.eotp), ("cache", self.cache),
+                                                                               ("capture", self.capture)) if value]
         return "+".join(parts) + (f"@{self.threshold:g}" if self.threshold is not None else "")
 
     def tau(self, filter=None) -> float | None:

@@ -252,7 +252,7 @@ class Decoder:
         pool = Slots(min(self.slots or len(requests), len(requests)), max(len(q.prompt) for q in requests), cfg, mask_id,
                      model.pad_token_id, dev)
         self.runner = runner = BlockForward(model, len(pool.request), pool.x.shape[1], pool.P, cfg.block_size,
-                                            cfg.cache, cfg.cache_refresh)
+                                            cfg.cache, cfg.cache_refresh, cfg.capture)
         recorder = TraceRecorder() if cfg.policy == "egp" else None
         eos_ids = torch.tensor(model.eos_token_ids, device=dev)
         eos_fill = model.eos_token_ids[0]

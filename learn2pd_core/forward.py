@@ -12,12 +12,18 @@ for token) at two forwards a step, a check of the cached path rather than a spee
 
 Rows are left-padded to one width. The columns that are padding in every row of a step are left out of its
 forward (`first`), so short prompts cost their own length whenever the longest prompt is not decoding with them.
+
+`capture` (dual cache only) runs the cached block step through `CapturedStep`: compiled at fixed shapes, which
+costs what the eager step trims (see there) and pays where per-operation overhead dominates the step.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
+
+CAPACITY_STEP = 128     # a captured cache's key length is a multiple of this: few distinct compiled shapes
 
 
 @dataclass
@@ -62,15 +68,16 @@ class KVCache:
     take the slot overwrites them (its first step in every block is a full forward that stores every position).
     The position past L takes the writes of queries past a row's end, which no row attends to."""
 
-    def __init__(self, slots: int, length: int):
+    def __init__(self, slots: int, length: int, capacity: int | None = None):
         self.slots, self.length = slots, length
+        self.capacity = max(length + 1, capacity or 0)     # key positions held: >= L + 1 (the spare one)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def store(self, slots: torch.Tensor, kv, first: int, T: int):
         """Write keys/values [R, Hkv, T - first, hd] per layer of positions first..T-1 of these slots."""
         if self.layers is None:
             # zeros, not empty: attention weighs masked keys' values by 0, and 0 x a stray NaN would be NaN
-            self.layers = [tuple(torch.zeros((self.slots,) + t.shape[1:2] + (self.length + 1,) + t.shape[3:],
+            self.layers = [tuple(torch.zeros((self.slots,) + t.shape[1:2] + (self.capacity,) + t.shape[3:],
                                              dtype=t.dtype, device=t.device) for t in layer) for layer in kv]
         for (kc, vc), (k, v) in zip(self.layers, kv):
             kc[slots, :, first:T] = k
@@ -93,10 +100,12 @@ class BlockForward:
     whole generation region from the block on (region "generation", EoTP predict). Counts its model calls."""
 
     def __init__(self, model, slots: int, length: int, prompt_width: int, block_size: int,
-                 cache: str | None = None, refresh: str = "block"):
+                 cache: str | None = None, refresh: str = "block", capture: bool = False):
         self.model, self.P, self.S, self.mode, self.refresh = model, prompt_width, block_size, cache, refresh
         dev = model.device
-        self.cache = KVCache(slots, length) if cache else None
+        capacity = -(-(length + 1) // CAPACITY_STEP) * CAPACITY_STEP if capture else None
+        self.cache = KVCache(slots, length, capacity) if cache else None
+        self.captured = CapturedStep(model, self.cache, block_size) if capture else None
         # Greedy prediction and its confidence at every position, as of the last forward that computed it: EoTP
         # "predict" reads it over the whole generation region (under dual, positions outside the block keep the
         # predictions of the block's first step, as their keys/values do).
@@ -158,6 +167,8 @@ class BlockForward:
 
     def _cached(self, inp: StepInput, region) -> StepLogits:
         self.calls += 1
+        if self.captured is not None:
+            return self.captured(inp)
         dev, L, S = inp.tokens.device, inp.tokens.shape[1], self.S
         end = inp.end[:, None]
         # queries: dual the block; prefix the block and everything after it (so EoTP predict sees the rest)
@@ -182,6 +193,77 @@ class BlockForward:
         if region == "block":
             return inp.block_start[:, None] + torch.arange(self.S, device=dev)
         return torch.arange(self.P, T, device=dev).expand(len(inp.end), -1)
+
+
+class CapturedStep:
+    """The dual cache's block step at fixed shapes, so that it can be compiled once per shape (torch.compile; on
+    CUDA in mode "reduce-overhead", which replays it as a CUDA graph) instead of dispatching each operation.
+
+    Shapes: rows padded to the next power of two up to the pool's slots (the pad rows repeat the first row and
+    are dropped), queries the block's S positions, keys every position of the cache's capacity (the pool's
+    width rounded up to CAPACITY_STEP) under the key mask. Costs against the eager step, which trims both: pad
+    rows compute for nothing, and keys past the longest live row or left of the widest prompt are attended to
+    with weight 0 rather than skipped. When the rows are every slot in order the step reads and writes the cache
+    in place; otherwise it works on a copy of their slots' entries made inside the compiled step (what a
+    cached step writes is the block, which every step writes again before reading it)."""
+
+    def __init__(self, model, cache: KVCache, block_size: int):
+        self.net, self.cache, self.S = _native_net(model), cache, block_size
+        dev = model.device
+        self.buckets = [b for b in (2 ** i for i in range(cache.slots.bit_length() + 1)) if b < cache.slots]
+        self.buckets.append(cache.slots)
+        self.all_slots = torch.arange(cache.slots, device=dev)
+        self.step = _compiled_step(self.net, dev)
+        self.marked = False
+
+    def __call__(self, inp: StepInput) -> StepLogits:
+        R, L, C, S, dev = len(inp.slots), inp.tokens.shape[1], self.cache.capacity, self.S, inp.tokens.device
+        Rb = next(b for b in self.buckets if b >= R)
+        rows = inp.subset(torch.cat([torch.arange(R, device=dev), torch.zeros(Rb - R, dtype=torch.long, device=dev)]))
+        end = rows.end[:, None]                                                              # [Rb, 1]
+        q = rows.block_start[:, None] + torch.arange(S, device=dev)                          # [Rb, S] absolute
+        qc = q.clamp(max=L - 1)
+        real = torch.cat([rows.real, rows.real.new_zeros(Rb, C - L)], dim=1)                 # [Rb, C]
+        k_ok = (torch.arange(C, device=dev) < end) & real
+        write_at = torch.where(q < end, q, L)            # past a row's end: the spare position L, never attended
+        in_place = R == self.cache.slots and bool((inp.slots == self.all_slots).all())
+        if in_place and not self.marked and dev.type == "cuda":
+            for layer in self.cache.layers:   # CUDA graphs replay in place only on inputs at a fixed address
+                for t in layer:
+                    torch._dynamo.mark_static_address(t)
+            self.marked = True
+        logits = self.step(rows.tokens.gather(1, qc), k_ok, rows.positions(qc), write_at, rows.slots,
+                           self.cache.layers, in_place)                                       # [Rb, S, V]
+        at = q[:R]
+        # cloned: a CUDA graph's output is overwritten by its next replay
+        return StepLogits(at, logits[:R].clone(), at < end[:R])
+
+
+
+def _native_net(model) -> torch.nn.Module:
+    """The LLaDA module inside a DiffusionLM (or a wrapper of one, such as a benchmark's timer)."""
+    net = model.model
+    while not isinstance(net, torch.nn.Module):
+        net = net.model
+    return net
+
+
+_COMPILED = weakref.WeakKeyDictionary()     # net -> its compiled step, shared by every pool that decodes with it
+
+
+def _compiled_step(net, device: torch.device):
+    """One compiled function per model, so that a new pool (every `generate` call) reuses the graphs compiled
+    for its shapes. One graph per (rows bucket, in place or not, cache capacity); the default recompile limit
+    (8) would fall back to eager after a few pools of different widths."""
+    if net not in _COMPILED:
+        def step(tokens, k_ok, positions, write_at, slots, layers, in_place: bool):
+            kv = layers if in_place else [tuple(t.index_select(0, slots) for t in layer) for layer in layers]
+            return net(tokens, k_ok, positions, kv_cache=kv, write_at=write_at).logits
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED[net] = torch.compile(step, dynamic=False, fullgraph=True,
+                                       mode="reduce-overhead" if device.type == "cuda" else None)
+    return _COMPILED[net]
 
 
 def _merge(full: torch.Tensor, parts) -> StepLogits:

@@ -137,6 +137,8 @@ def test_method_names_compose_with_the_cache():
     cfg = DecodeConfig.from_method("threshold+prefix", gen_length=32, block_size=8)
     assert (cfg.policy, cfg.eotp, cfg.cache) == ("threshold", None, "prefix")
     assert DecodeConfig.from_method("vanilla+dual+eotp-predict", gen_length=32, block_size=8).eotp == "predict"
+    cfg = DecodeConfig.from_method("learn2pd+captured+dual+eotp", gen_length=32, block_size=8)
+    assert (cfg.capture, cfg.method) == (True, "learn2pd+eotp+dual+captured")
     for bad in ("threshold+dual+prefix", "threshold+eotp+eotp", "threshold+kv"):
         with pytest.raises(ConfigError, match="unknown method"):
             DecodeConfig.from_method(bad, gen_length=32, block_size=8)
@@ -147,3 +149,27 @@ def test_method_names_compose_with_the_cache():
 def test_a_cache_on_a_model_without_one_is_refused_at_once(toy):
     with pytest.raises(ConfigError, match="needs a LLaDA checkpoint"):
         generate(toy, PROMPTS, DecodeConfig(gen_length=32, block_size=8, cache="dual"))
+
+
+CAPTURED_CASES = {"threshold+eotp": dict(policy="threshold", threshold=0.5, eotp="block"),
+                  "learn2pd-context+eotp-predict": dict(policy="learn2pd", filter=_filter(ContextFilter), threshold=0.5,
+                                                        eotp="predict")}
+
+
+@pytest.mark.parametrize("name", list(CAPTURED_CASES))
+def test_the_captured_dual_step_decodes_as_the_eager_one(llada_eos_toy, name):
+    """Compiled at bucketed shapes (rows padded to 1, 2 or all 3 slots; keys to the cache's capacity), the dual
+    cache's step gives the eager step's tokens, NFE and forward calls, as slots empty and refill."""
+    kw = CAPTURED_CASES[name]
+    eager = _decode(llada_eos_toy, kw, QUEUE, slots=SLOTS, cache="dual")
+    captured = _decode(llada_eos_toy, kw, QUEUE, slots=SLOTS, cache="dual", capture=True)
+    assert [c.token_ids for c in captured] == [e.token_ids for e in eager]
+    assert [(c.nfe, c.tokens_per_step) for c in captured] == [(e.nfe, e.tokens_per_step) for e in eager]
+
+
+def test_capture_is_for_the_dual_cache_of_a_native_llada(toy):
+    for bad in (dict(), dict(cache="prefix"), dict(cache="dual", cache_refresh="step")):
+        with pytest.raises(ConfigError, match="capture compiles the dual cache"):
+            DecodeConfig(gen_length=32, block_size=8, capture=True, **bad)
+    with pytest.raises(ConfigError, match="needs a LLaDA checkpoint"):
+        generate(toy, PROMPTS, DecodeConfig(gen_length=32, block_size=8, cache="dual", capture=True))
