@@ -15,8 +15,9 @@ Random weights: the timings and memory are those of LLaDA-8B-Instruct (d_model 4
 5. slots: static against continuous batching (learn2pd_core.engine.Decoder) at 1, 16 and 64 slots, 4 prompts per
    slot of mixed lengths, for vanilla+dual and a learned policy's commit rate (4 tokens per step: random weights give
    flat confidences, so a fixed rate stands in) + dual: batched steps, slot occupancy, tokens/s, ms per step, and the
-   step's floor at an H200's limits (REFERENCE.md: 4.8 TB/s HBM, 990 TFLOP/s dense bf16). Every step runs eagerly:
-   the engine has no captured (CUDA graph) path yet, so eager against captured is not measured.
+   step's floor at an H200's limits (REFERENCE.md: 4.8 TB/s HBM, 990 TFLOP/s dense bf16); at --capture-slots also
+   continuous batching with the captured dual step (DecodeConfig.capture: torch.compile, CUDA graphs), after a
+   warm-up run that compiles every shape it meets (its compile time is reported).
 Timings of parts 1-2 are medians of --repeats runs after a warm-up; the engine parts (3, 5) time one run (part 5
 after a one-block warm-up per method and slot count). The GPU is synchronised before every reading of the clock.
 """
@@ -24,7 +25,9 @@ import argparse
 import json
 import statistics
 import sys
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -215,11 +218,13 @@ class FloorModel(TimedModel):
         return out
 
 
-NOT_CAPTURED = ("eager against captured (CUDA graphs / torch.compile): not measured, the engine has no captured "
-                "path yet; every step here runs eagerly")
+CAPTURED = ("'captured' rows run the dual cache's block step compiled (torch.compile, mode reduce-overhead: CUDA "
+            "graphs) after a warm-up run that compiled it; their steps are the eager twin's, so the floor is its floor, "
+            "and their forward share is not measured (the compiled step bypasses the timer)")
 
 
-def slots_table(model, dev, slot_counts, gen: int, prompt_tokens: tuple[int, int], partial=None) -> dict:
+def slots_table(model, dev, slot_counts, gen: int, prompt_tokens: tuple[int, int], partial=None,
+                capture_slots=()) -> dict:
     """Static against continuous batching of 4 prompts per slot through each slot count, for vanilla (1 token per
     step) and a learned policy's commit rate (4 per step), both with the dual cache. Static decodes batches of `slots`
     prompts one after another through one Decoder; continuous hands the Decoder every prompt at once. Prompt lengths
@@ -231,10 +236,9 @@ def slots_table(model, dev, slot_counts, gen: int, prompt_tokens: tuple[int, int
     lengths = torch.randint(prompt_tokens[0], prompt_tokens[1] + 1, (4 * max(slot_counts),), generator=g).tolist()
     pool = [torch.randint(0, ID_HIGH, (n,), generator=g).tolist() for n in lengths]
     part = {"gen": gen, "block": BLOCK, "prompt_tokens": list(prompt_tokens), "prompts_per_slot": 4,
-            "hbm_bytes_s": HBM_BYTES_S, "bf16_flop_s": BF16_FLOP_S, "captured": NOT_CAPTURED, "rows": []}
+            "hbm_bytes_s": HBM_BYTES_S, "bf16_flop_s": BF16_FLOP_S, "captured": CAPTURED, "rows": []}
     print(f"slots: gen {gen}, block {BLOCK}, prompts of {prompt_tokens[0]}-{prompt_tokens[1]} tokens, 4 per slot; "
           f"floor at {HBM_BYTES_S / 1e12:.1f} TB/s and {BF16_FLOP_S / 1e12:.0f} TFLOP/s bf16", flush=True)
-    print(NOT_CAPTURED, flush=True)
     for slots in slot_counts:
         prompts = pool[:4 * slots]
         for method, per_step in rates.items():
@@ -243,6 +247,19 @@ def slots_table(model, dev, slot_counts, gen: int, prompt_tokens: tuple[int, int
             cfg = DecodeConfig(gen_length=gen, block_size=BLOCK, steps=gen // per_step, cache="dual")
             for scheduling in ("static", "continuous"):
                 part["rows"].append(slots_row(lm, cfg, prompts, slots, scheduling) | {"method": method})
+                if partial:
+                    partial(part)
+            if slots in capture_slots:
+                eager, captured = part["rows"][-1], replace(cfg, capture=True)
+                t0 = time.perf_counter()
+                Decoder(lm, captured, slots=slots).run(prompts)                  # warm-up: compiles every shape
+                sync()
+                row = slots_row(lm, captured, prompts, slots, "continuous") | {
+                    "method": method, "capture": True, "compile_s": time.perf_counter() - t0,
+                    "forward_share": float("nan"), "floor_ms_per_step": eager["floor_ms_per_step"],
+                    "gb_per_step": eager["gb_per_step"], "tflop_per_step": eager["tflop_per_step"]}
+                row["time_over_floor"] = row["ms_per_step"] / row["floor_ms_per_step"]
+                part["rows"].append(row)
                 if partial:
                     partial(part)
             if torch.cuda.is_available():
@@ -294,8 +311,10 @@ def slots_markdown(part: dict) -> str:
              "| method | slots | batching | prompts | batched steps | slot occupancy | tokens/s | ms/step | "
              "forward share | GB read/step | TFLOP/step | floor ms/step | time/floor | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['slots']} | {r['scheduling']} | {r['prompts']} | {r['steps']} | "
-              f"{r['occupancy']:.1%} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.1f} | {r['forward_share']:.0%} | "
+    lines += [f"| {r['method']} | {r['slots']} | {r['scheduling']}{', captured' if r.get('capture') else ''} | "
+              f"{r['prompts']} | {r['steps']} | "
+              f"{r['occupancy']:.1%} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.1f} | "
+              f"{'-' if math.isnan(r['forward_share']) else format(r['forward_share'], '.0%')} | "
               f"{r['gb_per_step']:.1f} | {r['tflop_per_step']:.2f} | {r['floor_ms_per_step']:.2f} | "
               f"{r['time_over_floor']:.1f}x | {r['peak_gib']:.1f} |" for r in part["rows"]]
     return "\n".join(lines)
@@ -315,11 +334,14 @@ def main():
                     help="comma-separated parts to skip: forward,cache,engine1,engine16,refresh,slots")
     ap.add_argument("--slots", default=None, help="slots part: slot counts (default 1,16,64; --smoke 1,2)")
     ap.add_argument("--slots-gen", type=int, default=None, help="slots part: gen length (default 128; --smoke 32)")
+    ap.add_argument("--capture-slots", default=None,
+                    help="slots part: slot counts that also run the captured step (default 1,16; --smoke 2)")
     ap.add_argument("--slots-prompt-tokens", default=None,
                     help="slots part: MIN,MAX prompt length (default 64,256; --smoke 8,40)")
     args = ap.parse_args()
     slot_counts = [int(n) for n in (args.slots or ("1,2" if args.smoke else "1,16,64")).split(",")]
     slots_gen = args.slots_gen or (32 if args.smoke else 128)
+    capture_slots = [int(n) for n in (args.capture_slots or ("2" if args.smoke else "1,16")).split(",") if n]
     lo, hi = (int(n) for n in (args.slots_prompt_tokens or ("8,40" if args.smoke else "64,256")).split(","))
     global LLADA_8B, ID_HIGH
     if args.smoke:
@@ -343,7 +365,8 @@ def main():
              "engine16": lambda: engine_table(model, dev, 16, 256, 256),
              "refresh": lambda: refresh_check(model, dev),
              "slots": lambda: slots_table(model, dev, slot_counts, slots_gen, (lo, hi),
-                                          partial=lambda part: write(args.out, result | {"slots": part}))}
+                                          partial=lambda part: write(args.out, result | {"slots": part}),
+                                          capture_slots=capture_slots)}
     for name, fn in parts.items():
         if name not in skip:
             result[name] = fn()

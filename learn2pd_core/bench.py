@@ -203,7 +203,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "" for key, _, fmt in cols) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[key]) if key in r and r[key] == r[key] else ""   # NaN: blank
+                                       for key, _, fmt in cols) + " |")
     return "\n".join(lines)
 
 
