@@ -239,7 +239,6 @@ class CapturedStep:
         return StepLogits(at, logits[:R].clone(), at < end[:R])
 
 
-
 def _native_net(model) -> torch.nn.Module:
     """The LLaDA module inside a DiffusionLM (or a wrapper of one, such as a benchmark's timer)."""
     net = model.model
