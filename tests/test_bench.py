@@ -41,8 +41,9 @@ def test_compare_methods_reports_forward_flops_and_the_cache_saves_them():
 
 
 def test_llada8b_gpu_slots_part_runs_on_cpu(tmp_path):
-    """benchmarks/llada8b_gpu.py --smoke, slots part only: static and continuous batching of 4 prompts per slot, every
-    row's floor counted. Without EoTP every row takes gen/rate steps, so both schedulings run 4 full rounds."""
+    """benchmarks/llada8b_gpu.py --smoke, slots part only: static and continuous batching of 4 prompts per slot, and
+    continuous with the captured step, every row's floor counted (a captured row's is its eager twin's). Without EoTP
+    every row takes gen/rate steps, so every scheduling runs 4 full rounds."""
     import json
     import os
     import subprocess
@@ -52,14 +53,17 @@ def test_llada8b_gpu_slots_part_runs_on_cpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "llada8b_gpu.py"
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, str(script), "--smoke", "--skip", "forward,cache,engine1,engine16,refresh",
-                          "--slots", "2", "--slots-gen", "32", "--out", str(out)], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "LEARN2PD_NO_DOCS": "1"})
+                          "--slots", "2", "--slots-gen", "32", "--capture-slots", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "LEARN2PD_NO_DOCS": "1"})
     assert run.returncode == 0, run.stderr
-    assert "eager against captured" in run.stdout and "| time/floor |" in run.stdout
+    assert "continuous, captured" in run.stdout and "| time/floor |" in run.stdout
     part = json.loads(out.read_text())["slots"]
     rows = part["rows"]
-    assert [(r["method"], r["scheduling"]) for r in rows] == [(m, s) for m in ("vanilla+dual", "4 tokens/step+dual")
-                                                              for s in ("static", "continuous")]
+    assert [(r["method"], r["scheduling"], r.get("capture", False)) for r in rows] == [
+        (m, s, c) for m in ("vanilla+dual", "4 tokens/step+dual")
+        for s, c in (("static", False), ("continuous", False), ("continuous", True))]
+    for eager, captured in zip(rows[1::3], rows[2::3]):
+        assert captured["floor_ms_per_step"] == eager["floor_ms_per_step"] and captured["compile_s"] > 0
     for r in rows:
         assert r["prompts"] == 8 and r["occupancy"] == 1.0
         assert r["steps"] == 4 * 32 // (4 if r["method"].startswith("4 tokens") else 1)
