@@ -138,10 +138,11 @@ def main(argv=None):
 
     report = {"fits": args.fits, "trace_rows": trace_rows, "examples": args.examples, "gen_length": args.gen_length,
               "sweep": SWEEP, "families": {}}
-    lines = []
+    lines, counts = [], {}
     for bench in families:
         rows = [{"example_id": e["example_id"], "prompt": e["prompt"], "target": e["target"]}
                 for e in load_benchmark(bench, limit=args.examples).examples]
+        counts[bench] = len(rows)
         thr = decode(model, bench, rows, [f"threshold+eotp@{t:g}" for t in THRESHOLD_SWEEP], None, args.gen_length)
         print(f"{bench}: threshold sweep ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         fam = report["families"][bench] = {"threshold_curve": curve(thr, THRESHOLD_SWEEP, "threshold+eotp"),
@@ -161,19 +162,21 @@ def main(argv=None):
     storage.write_bytes(storage.join(args.output, "report.md"), text.encode())
     print(text)
     publish(__file__, f"{args.model}, gen {args.gen_length}, {args.fits} fits x {args.examples} examples per family",
-            intro(args, trace_rows, report["seconds"]) + "\n\n" + text, model=args.model,
+            intro(args, trace_rows, counts, report["seconds"]) + "\n\n" + text, model=args.model,
             command=f"python benchmarks/filter_verdict.py --fits {args.fits} --examples {args.examples} "
                     f"--families {args.families} --variants {args.variants}")
     return 0
 
 
-def intro(args, trace_rows, seconds) -> str:
+def intro(args, trace_rows, counts, seconds) -> str:
     return (f"Each fit: EGP traces of {args.per_task} instruction prompts per task (seed 1000 + fit; "
             f"{', '.join(f'{n:,}' for n in trace_rows)} trace rows), each variant fitted with seed = fit. Sweeps: τ in "
             f"{', '.join(f'{t:g}' for t in SWEEP)} (the threshold's also 0.1 and 0.3). Δ: learn2pd+eotp at the filter's default τ minus threshold+eotp "
             f"at {THRESHOLD_DEFAULT:g} ('defaults') or minus the threshold curve at the same tokens per forward "
             "('matched TPF'; past the end of the threshold's curve, its end), accuracy points; the mean row's intervals are 95% from a bootstrap over fits and "
-            f"examples. Run time {seconds / 60:.0f} min.")
+            f"examples. Held-out examples: {', '.join(f'{b} {n}' for b, n in counts.items())} (fewer than --examples "
+            "where a family's held-out pool runs out: the tiny families hold 605 distinct held-out questions, 60-200 "
+            f"per task). Run time {seconds / 60:.0f} min.")
 
 
 def table(bench: str, fam: dict, n: int) -> list[str]:
