@@ -68,3 +68,35 @@ def test_llada8b_gpu_slots_part_runs_on_cpu(tmp_path):
         assert r["prompts"] == 8 and r["occupancy"] == 1.0
         assert r["steps"] == 4 * 32 // (4 if r["method"].startswith("4 tokens") else 1)
         assert r["floor_ms_per_step"] > 0 and r["time_over_floor"] > 0 and r["gb_per_step"] > 0
+
+
+def test_filter_verdict_runs_and_its_effects_follow_from_its_curves(tmp_path):
+    """benchmarks/filter_verdict.py on a tiny scale: two fits, 8 examples. Each fit's Δ at the defaults is its
+    accuracy minus the threshold curve's τ 0.9 point, its matched-TPF Δ the threshold curve interpolated at its
+    tokens per forward; the bootstrap's intervals are ordered."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "filter_verdict.py"
+    run = subprocess.run([sys.executable, str(script), "--fits", "2", "--examples", "8", "--per-task", "1",
+                          "--draws", "20", "--families", "tiny", "--variants", "paper", "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "LEARN2PD_NO_DOCS": "1"})
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    fam = report["families"]["tiny"]
+    sweep = [0.1, 0.3] + list(report["sweep"])
+    curve = dict(zip(sweep, fam["threshold_curve"]))
+    xs, ys = zip(*sorted(fam["threshold_curve"]))
+    result = fam["variants"]["paper"]
+    assert len(result["per_fit"]) == 2
+    for fit in result["per_fit"]:
+        assert fit["default"] == pytest.approx(fit["accuracy"] - curve[0.9][1])
+        assert fit["matched"] == pytest.approx(fit["accuracy"] - np.interp(fit["tpf"], xs, ys))
+    for low, high in result["interval"].values():
+        assert low <= high
+    assert "mean over fits" in (tmp_path / "report.md").read_text()
