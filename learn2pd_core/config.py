@@ -42,7 +42,7 @@ class DecodeConfig:
     seed: int = 0
     cache: str | None = None          # None, "prefix" or "dual" (LLaDA checkpoints only)
     cache_refresh: str = "block"      # "block" (Fast-dLLM) or "step" (exact; for checking the cached path)
-    capture: bool = False             # dual cache: compile its block step at bucketed shapes (forward.py), and the filter
+    capture: bool = False             # dual cache: compile its block step at bucketed shapes (forward.py)
 
     def __post_init__(self):
         if self.policy not in POLICIES:

@@ -229,8 +229,7 @@ class Decoder:
         cfg.check_filter(filt)
         self.model, self.cfg, self.slots = model, cfg, slots
         self.filter = filt.to(model.device) if filt is not None and cfg.policy == "learn2pd" else None
-        self.rule = policies.make_rule(cfg.policy, cfg.tau(self.filter), cfg.factor, self.filter,
-                                       compiled=cfg.capture)
+        self.rule = policies.make_rule(cfg.policy, cfg.tau(self.filter), cfg.factor, self.filter)
         self.steps = 0
 
     def run(self, prompts: Sequence[str | Sequence[int]],

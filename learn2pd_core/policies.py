@@ -7,7 +7,6 @@ Ties in confidence go to the lowest position (LLaDA's topk leaves ties unspecifi
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -121,19 +120,7 @@ class Learned(CommitRule):
         return learn2pd_rule(s.confidence, s.masked, self.filter, self.tau, s.top_k, s.block, s.step)
 
 
-def make_rule(policy: str, tau: float | None, factor: float, filt=None, compiled: bool = False) -> CommitRule:
-    """The config's commit rule (tau: the threshold in force, DecodeConfig.tau). `compiled` (the config's capture):
-    the filter runs as one compiled pass, its features and MLP fused, instead of some 50 small operations."""
-    if compiled and filt is not None:
-        filt = _compiled_filter(filt)
+def make_rule(policy: str, tau: float | None, factor: float, filt=None) -> CommitRule:
+    """The config's commit rule (tau: the threshold in force, DecodeConfig.tau)."""
     return {"vanilla": Vanilla, "threshold": lambda: Threshold(tau), "factor": lambda: Factor(factor),
             "egp": ExtremelyGreedy, "learn2pd": lambda: Learned(filt, tau)}[policy]()
-
-
-_COMPILED_FILTERS = weakref.WeakKeyDictionary()     # filter -> its compiled form, shared by every generate call
-
-
-def _compiled_filter(filt: torch.nn.Module) -> torch.nn.Module:
-    if filt not in _COMPILED_FILTERS:
-        _COMPILED_FILTERS[filt] = torch.compile(filt, dynamic=True)    # any number of rows
-    return _COMPILED_FILTERS[filt]
