@@ -8,13 +8,14 @@ Reported per family and variant, for every fit and as a mean over fits:
 - at the defaults: learn2pd+eotp at the filter's default τ against threshold+eotp at 0.9 (accuracy points);
 - at matched tokens per forward: learn2pd+eotp at the filter's default τ against the threshold curve's accuracy at
   the same tokens per forward (linear between its sweep points; clamped at its ends);
-- AUP of each curve.
+- AUP of each curve, both over the same τ values.
 Intervals (95%) come from a two-level bootstrap: fits drawn with replacement, then examples drawn with replacement
 (paired: the same examples for every method), so they include the spread between fits as well as the examples'.
+With 3 fits there are only 10 distinct draws of fits: read the intervals with the per-fit rows beside them.
 EoTP's block mode gives every method the answers it gives without EoTP (tested), so accuracies are those of the
 methods themselves; NFE and tokens per forward are with EoTP.
 
-    python benchmarks/filter_verdict.py --fits 3 --examples 400 --output runs/filter_verdict     # ~1 h on 2 cores
+    python benchmarks/filter_verdict.py --fits 3 --examples 500 --output runs/filter_verdict     # ~40 min on 2 cores
 
 Writes report.md and report.json under --output and a section in docs/filter_verdict.md.
 """
@@ -93,7 +94,9 @@ def effects(thr: dict, fits: list[dict], tau: float, idx=slice(None)) -> list[di
         reach = [x for x, _ in t_curve]
         out.append({"accuracy": acc, "tpf": tpf, "default": acc - base, "matched": acc - matched(t_curve, tpf),
                     "beyond": not min(reach) <= tpf <= max(reach),
-                    "aup": aup(curve(f, SWEEP, "learn2pd+eotp", idx)), "threshold_aup": aup(t_curve)})
+                    # both AUPs over the same τ values: the threshold's extra points would add area for reach alone
+                    "aup": aup(curve(f, SWEEP, "learn2pd+eotp", idx)),
+                    "threshold_aup": aup(curve(thr, SWEEP, "threshold+eotp", idx))})
     return out
 
 
@@ -116,7 +119,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fits", type=int, default=3, help="independent trace collections and fits (default 3)")
     ap.add_argument("--per-task", type=int, default=8, help="instruction prompts per task in each fit's collection")
-    ap.add_argument("--examples", type=int, default=400, help="held-out examples per family (default 400)")
+    ap.add_argument("--examples", type=int, default=500,
+                    help="held-out examples per family: --examples / 5 per task where a task has them (default 500: 405)")
     ap.add_argument("--families", default="tiny,tiny-long", help="comma-separated: tiny, tiny-long")
     ap.add_argument("--variants", default="context,paper", help="filter variants (context, paper)")
     ap.add_argument("--gen-length", type=int, default=256)
@@ -169,14 +173,17 @@ def main(argv=None):
 
 
 def intro(args, trace_rows, counts, seconds) -> str:
+    sweep = ", ".join(f"{t:g}" for t in SWEEP)
     return (f"Each fit: EGP traces of {args.per_task} instruction prompts per task (seed 1000 + fit; "
-            f"{', '.join(f'{n:,}' for n in trace_rows)} trace rows), each variant fitted with seed = fit. Sweeps: τ in "
-            f"{', '.join(f'{t:g}' for t in SWEEP)} (the threshold's also 0.1 and 0.3). Δ: learn2pd+eotp at the filter's default τ minus threshold+eotp "
-            f"at {THRESHOLD_DEFAULT:g} ('defaults') or minus the threshold curve at the same tokens per forward "
-            "('matched TPF'; past the end of the threshold's curve, its end), accuracy points; the mean row's intervals are 95% from a bootstrap over fits and "
-            f"examples. Held-out examples: {', '.join(f'{b} {n}' for b, n in counts.items())} (fewer than --examples "
-            "where a family's held-out pool runs out: the tiny families hold 605 distinct held-out questions, 60-200 "
-            f"per task). Run time {seconds / 60:.0f} min.")
+            f"{', '.join(f'{n:,}' for n in trace_rows)} trace rows), each variant fitted with seed = fit. Sweeps: "
+            f"τ in {sweep}; the threshold's also 0.1 and 0.3, for matching only (every AUP is over {sweep}). "
+            f"Δ: learn2pd+eotp at the filter's default τ minus threshold+eotp at {THRESHOLD_DEFAULT:g} ('defaults') "
+            "or minus the threshold curve at the same tokens per forward ('matched TPF'; past the end of the "
+            "threshold's curve, its end), accuracy points. The mean row's intervals are 95% from a bootstrap over "
+            f"fits and examples; with {args.fits} fits there are few distinct draws of fits, so read them with the "
+            f"per-fit rows. Held-out examples: {', '.join(f'{b} {n}' for b, n in counts.items())} (the benchmark "
+            "takes --examples / 5 per task, and three tasks hold fewer distinct held-out questions: word_problem 62, "
+            f"number_pick 60, letter_word 83). Run time {seconds / 60:.0f} min.")
 
 
 def table(bench: str, fam: dict, n: int) -> list[str]:

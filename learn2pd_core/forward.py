@@ -18,7 +18,6 @@ costs what the eager step trims (see there) and pays where per-operation overhea
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -227,8 +226,10 @@ class CapturedStep:
         k_ok = (torch.arange(C, device=dev) < end) & real
         write_at = torch.where(q < end, q, L)            # past a row's end: the spare position L, never attended
         in_place = R == self.cache.slots and bool((inp.slots == self.all_slots).all())
-        if in_place and not self.marked and dev.type == "cuda":
-            for layer in self.cache.layers:   # CUDA graphs replay in place only on inputs at a fixed address
+        if not self.marked and dev.type == "cuda":
+            # before the first graph is recorded: CUDA graphs use inputs at a fixed address in place; any other
+            # input they copy into their own buffers at every replay (the whole cache)
+            for layer in self.cache.layers:
                 for t in layer:
                     torch._dynamo.mark_static_address(t)
             self.marked = True
@@ -247,22 +248,20 @@ def _native_net(model) -> torch.nn.Module:
     return net
 
 
-_COMPILED = weakref.WeakKeyDictionary()     # net -> its compiled step, shared by every pool that decodes with it
-
-
 def _compiled_step(net, device: torch.device):
-    """One compiled function per model, so that a new pool (every `generate` call) reuses the graphs compiled
-    for its shapes. One graph per (rows bucket, in place or not, cache capacity); the default recompile limit
-    (8) would fall back to eager after a few pools of different widths."""
-    if net not in _COMPILED:
+    """One compiled function per model, kept on the model (and freed with it), so that a new pool (every `generate`
+    call) reuses the graphs compiled for its shapes. One graph per (slots, rows bucket, in place or not, cache
+    capacity); torch's recompile limit counts them all for this one function, so it is raised from 8 to 64, past
+    which further shapes run eagerly (a warning, never an error: no `fullgraph`)."""
+    if getattr(net, "_captured_step", None) is None:
         def step(tokens, k_ok, positions, write_at, slots, layers, in_place: bool):
             kv = layers if in_place else [tuple(t.index_select(0, slots) for t in layer) for layer in layers]
             return net(tokens, k_ok, positions, kv_cache=kv, write_at=write_at).logits
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _COMPILED[net] = torch.compile(step, dynamic=False, fullgraph=True,
-                                       mode="reduce-overhead" if device.type == "cuda" else None)
-    return _COMPILED[net]
+        net._captured_step = torch.compile(step, dynamic=False,
+                                           mode="reduce-overhead" if device.type == "cuda" else None)
+    return net._captured_step
 
 
 def _merge(full: torch.Tensor, parts) -> StepLogits:

@@ -22,6 +22,8 @@ def connect(verbose: bool = False):
     from . import console
     main = threading.current_thread() is threading.main_thread()    # only there can Python handle signals
     if main:
+        # first, so that it is also what _connect_deaf_to_ctrl_c puts back: no gap in which a Ctrl-C is default
+        signal.signal(signal.SIGINT, _interrupt_once)
         _connect_deaf_to_ctrl_c()
     else:
         _init()
@@ -31,10 +33,8 @@ def connect(verbose: bool = False):
         ctx.enable_progress_bars = False
         ctx.enable_operator_progress_bars = False
         ctx.print_on_execution_start = False
-    if main:
-        signal.signal(signal.SIGINT, _interrupt_once)
-        if _connecting["ctrl_c"]:
-            signal.raise_signal(signal.SIGINT)   # through the handler now in place, as if pressed now
+    if main and _connecting["ctrl_c"]:
+        signal.raise_signal(signal.SIGINT)   # through the handler now in place, as if pressed now
     return ray
 
 

@@ -158,11 +158,12 @@ CAPTURED_CASES = {"threshold+eotp": dict(policy="threshold", threshold=0.5, eotp
 
 @pytest.mark.parametrize("name", list(CAPTURED_CASES))
 def test_the_captured_dual_step_decodes_as_the_eager_one(llada_eos_toy, name):
-    """Compiled at bucketed shapes (rows padded to 1, 2 or all 3 slots; keys to the cache's capacity), the dual
-    cache's step gives the eager step's tokens, NFE and forward calls, as slots empty and refill."""
+    """Compiled at bucketed shapes (rows padded to 1, 2, 4 or all 5 slots, e.g. 3 cached rows run as 4 with a pad
+    row; keys to the cache's capacity), the dual cache's step gives the eager step's tokens and NFE, as slots empty
+    and refill."""
     kw = CAPTURED_CASES[name]
-    eager = _decode(llada_eos_toy, kw, QUEUE, slots=SLOTS, cache="dual")
-    captured = _decode(llada_eos_toy, kw, QUEUE, slots=SLOTS, cache="dual", capture=True)
+    eager = _decode(llada_eos_toy, kw, QUEUE, slots=5, cache="dual")
+    captured = _decode(llada_eos_toy, kw, QUEUE, slots=5, cache="dual", capture=True)
     assert [c.token_ids for c in captured] == [e.token_ids for e in eager]
     assert [(c.nfe, c.tokens_per_step) for c in captured] == [(e.nfe, e.tokens_per_step) for e in eager]
 

@@ -102,12 +102,15 @@ _PROGRAM = "program.py"
 _STDERR_TAIL = 64 * 1024
 _DETAIL_CHARS = 300
 _BASE_LAYERS = ("session", "private-workdir", "scrubbed-env", "rlimits", "wall-clock-backstop", "bounded-output")
-_PROBE = "open('probe.txt', 'w').write('ok')\n"
+_PROBE = "open('probe.txt', 'w').write('ok')\n"   # also proves the working directory is writable
 # The default time limit, in CPU seconds per process. Benchmark convention is a 3 s wall-clock limit; the
 # slowest gold solution of HumanEval / MBPP (MBPP task 123) needs 2.4 CPU s on the 2-core CI machine, so
 # 5 s leaves it a margin on slower machines while an endless loop still fails within seconds.
 CPU_SECONDS = 5
-BACKSTOP = 6    # the default wall-clock backstop, in multiples of the CPU limit   # also proves the working directory is writable
+# The default wall-clock backstop, in multiples of the CPU limit: generous, so that only a program that waits (or is
+# starved for that long) meets it. Its cost: a wrong program that blocks takes that long to fail, and one that
+# sleeps less than it and then passes is scored correct, where the harness's 3 s of wall clock would fail it.
+BACKSTOP = 6
 # Appended to every program: a run passes only if this line ran (see the module docstring). Through
 # `builtins`, so that a program that defines its own `open` still passes.
 _END_LINE = "\n\n# Appended by the sandbox: only a program that runs to this line passes.\n" \
