@@ -85,18 +85,18 @@ def matched(threshold_curve, tpf: float) -> float:
 def effects(thr: dict, fits: list[dict], tau: float, idx=slice(None)) -> list[dict]:
     """Per fit: Δ at the defaults, Δ at matched TPF, AUP of both curves, on the examples `idx`."""
     t_curve = curve(thr, THRESHOLD_SWEEP, "threshold+eotp", idx)
+    reach = [x for x, _ in t_curve]
+    # both AUPs over the same τ values: the threshold's extra points would add area for reach alone
+    t_aup = aup(curve(thr, SWEEP, "threshold+eotp", idx))
     base = thr[f"threshold+eotp@{THRESHOLD_DEFAULT:g}"]["correct"][idx].mean() * 100
     out = []
     for f in fits:
         m = f[f"learn2pd+eotp@{tau:g}"]
         acc = 100 * m["correct"][idx].mean()
         tpf = m["tokens"][idx].sum() / max(m["nfe"][idx].sum(), 1)
-        reach = [x for x, _ in t_curve]
         out.append({"accuracy": acc, "tpf": tpf, "default": acc - base, "matched": acc - matched(t_curve, tpf),
                     "beyond": not min(reach) <= tpf <= max(reach),
-                    # both AUPs over the same τ values: the threshold's extra points would add area for reach alone
-                    "aup": aup(curve(f, SWEEP, "learn2pd+eotp", idx)),
-                    "threshold_aup": aup(curve(thr, SWEEP, "threshold+eotp", idx))})
+                    "aup": aup(curve(f, SWEEP, "learn2pd+eotp", idx)), "threshold_aup": t_aup})
     return out
 
 

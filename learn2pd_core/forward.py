@@ -209,15 +209,13 @@ class CapturedStep:
     def __init__(self, model, cache: KVCache, block_size: int):
         self.net, self.cache, self.S = _native_net(model), cache, block_size
         dev = model.device
-        self.buckets = [b for b in (2 ** i for i in range(cache.slots.bit_length() + 1)) if b < cache.slots]
-        self.buckets.append(cache.slots)
         self.all_slots = torch.arange(cache.slots, device=dev)
         self.step = _compiled_step(self.net, dev)
         self.marked = False
 
     def __call__(self, inp: StepInput) -> StepLogits:
         R, L, C, S, dev = len(inp.slots), inp.tokens.shape[1], self.cache.capacity, self.S, inp.tokens.device
-        Rb = next(b for b in self.buckets if b >= R)
+        Rb = min(1 << (R - 1).bit_length(), self.cache.slots)                 # next power of two, at most all slots
         rows = inp.subset(torch.cat([torch.arange(R, device=dev), torch.zeros(Rb - R, dtype=torch.long, device=dev)]))
         end = rows.end[:, None]                                                              # [Rb, 1]
         q = rows.block_start[:, None] + torch.arange(S, device=dev)                          # [Rb, S] absolute
