@@ -100,3 +100,54 @@ def test_filter_verdict_runs_and_its_effects_follow_from_its_curves(tmp_path):
     for low, high in result["interval"].values():
         assert low <= high
     assert "mean over fits" in (tmp_path / "report.md").read_text()
+
+
+def test_tiny_sweep_stand_in_tokenizer_equals_the_tiny_tokenizer():
+    """benchmarks/tiny_sweep.py's CharTokenizer (for machines without transformers) gives the same ids and texts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tiny_sweep import CharTokenizer
+    from learn2pd_core.tiny import tasks
+    from learn2pd_core.tiny.tokenizer import build_tokenizer
+
+    ours, real = CharTokenizer(), build_tokenizer()
+    pairs = tasks.training_examples(500, 1000, 0.5) + [(e["prompt"], e["answer"])
+                                                       for e in tasks.benchmark_examples(8, 0, fewshot=True)]
+    for prompt, answer in pairs:
+        chat = ours.apply_chat_template([{"role": "user", "content": prompt}])
+        assert chat == real.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=False)
+        for text in (chat, answer):
+            assert ours(text)["input_ids"] == real(text, add_special_tokens=False)["input_ids"]
+        ids = ours(answer)["input_ids"] + [real.eos_token_id, real.mask_token_id, real.pad_token_id]
+        assert ours.decode(ids) == real.decode(ids, skip_special_tokens=True) == answer
+    assert (ours.pad_token_id, ours.eos_token_id, ours.mask_token_id) == (real.pad_token_id, real.eos_token_id,
+                                                                          real.mask_token_id)
+
+
+def test_tiny_sweep_trains_and_measures_each_run(tmp_path):
+    """benchmarks/tiny_sweep.py --smoke: two runs in their own processes, each leaving its weights and figures."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_sweep.py"
+    run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--smoke", "--recipes", "shipped,arith",
+                          "--seeds", "1000", "--procs", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    table = (tmp_path / "sweep.md").read_text()
+    for name in ("shipped-1000", "arith-1000"):
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        assert result["steps"] == 10 and result["info"]["hp"]["hold_validation"] is True
+        assert (tmp_path / name / "state.pt").exists() and f"| {name} |" in table
+        for split in ("validation", "test"):
+            assert {"vanilla", "threshold 0.5", "threshold 0.9"} <= set(result[split])
+            assert 0 <= result[split]["dependency"]["p_capital_forced"] <= 1
+        assert result["test"]["egp oracle"]["nfe_per_prompt"] < result["test"]["vanilla"]["nfe_per_prompt"]
+    assert json.loads((tmp_path / "arith-1000" / "result.json").read_text())["info"]["hp"]["task_weights"]["simplify"] == 3
+    unknown = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--recipes", "nope"],
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "unknown recipe 'nope'" in unknown.stderr

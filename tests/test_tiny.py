@@ -182,3 +182,65 @@ def test_training_stream_task_weights():
     names = lambda w: [p.split()[0] for p, _ in tasks.training_examples(3000, 1000, 1.0, w)]
     plain, heavy = names(None).count("Word"), names({"letter_word": 3.0}).count("Word")
     assert 500 < plain < 700 and 1150 < heavy < 1350   # 1/5 vs 3/7 of benchmark pairs
+
+
+def test_validation_pool_is_disjoint_from_the_benchmark_and_kept_out_of_training_on_request():
+    import itertools
+    test = {e["prompt"] for e in tasks.benchmark_examples(40, 0)}
+    val = tasks.benchmark_examples(40, 0, split="validation")
+    vals = {e["prompt"] for e in val}
+    assert len(vals) == len(val) == 5 * 40 and not test & vals
+    assert all(tasks.validation(p) and not tasks.held_out(p) for p in vals)
+    seen = lambda hold: {p for p, _ in itertools.islice(tasks.training_stream(1000, 1.0, hold_validation=hold), 20000)}
+    assert vals & seen(False) and not vals & seen(True)   # the flag is what keeps them out
+    # nor do few-shot prefixes show them: every paragraph's first line is a question
+    few = itertools.islice(tasks.training_stream(1000, 1.0, fewshot=True, hold_validation=True), 300)
+    shots = {par.split("\n")[0] for p, _ in few for par in p.split("\n\n")}
+    assert len(shots) > 300 and not any(tasks.validation(q) or tasks.held_out(q) for q in shots)
+
+
+def test_first_phase_trains_on_its_tasks_alone_then_the_mix():
+    from learn2pd_core.tiny.train import TINY, training_batches
+    tok = build_tokenizer()
+    hp = {**TINY, "first_steps": 4, "first_tasks": {"letter_word": 1.0}}
+    it = training_batches(tok, hp, 1000)
+    questions = lambda batch: [tok.decode(row.tolist(), skip_special_tokens=True).split("\n")[0] for row in batch[0]]
+    first = [next(it) for _ in range(4)]
+    assert all(gl == 32 for gl, _ in first)
+    assert all(q.startswith("Word of 3 letters") for _, b in first for q in questions(b))
+    later = [q for _ in range(8) for q in questions(next(it)[1])]
+    assert sum(q.startswith("Word of") for q in later) < len(later) / 2     # the recipe's mix of every task
+    # after the phase, the mix is exactly the run without it
+    plain, phased = training_batches(tok, TINY, 1000), training_batches(tok, hp, 1000)
+    for _ in range(4):
+        next(phased)
+    for _ in range(3):
+        (gl, batch), (gl2, batch2) = next(plain), next(phased)
+        assert gl == gl2 and torch.equal(batch[0], batch2[0])
+
+
+def test_deadline_shortens_a_run():
+    import time
+    from learn2pd_core.tiny.train import train
+    _, _, info = train(None, seed=1000, tiny=True, log_every=10**9, steps=5000, deadline=time.time())
+    assert info["hp"]["steps"] == 201          # decided once, after the first 200 steps
+
+
+def test_answer_dependency_matches_one_unpadded_forward_per_question():
+    from learn2pd_core import load_model
+    from learn2pd_core.tiny.measure import answer_dependency
+    lm = load_model("tiny")
+    exs = tasks.benchmark_examples(3, 0)
+    got = answer_dependency(lm, exs)
+    ref = {"forced": [], "unforced": []}
+    for e in (e for e in exs if e["task"] == "letter_word"):
+        low, cap = e["prompt"][len("Word of 3 letters ")], e["prompt"][len("Word of 3 letters ") + 2]
+        li, ci = lm.tokenizer(low, add_special_tokens=False)["input_ids"][0], lm.tokenizer(cap, add_special_tokens=False)["input_ids"][0]
+        p, M, E = lm.encode_prompt(e["prompt"]), lm.mask_token_id, lm.eos_token_ids[0]
+        cases = [([li, li, M], 2, "forced"), ([li, M, li], 1, "forced"), ([M, li, li], 0, "forced"), ([M, M, M], 0, "unforced")]
+        for answer, hole, kind in cases:
+            logits = lm(torch.tensor([p + answer + [E] * 29]))[0, len(p) + hole]
+            ref[kind].append(float(logits.softmax(-1)[ci]))
+    assert len(ref["forced"]) == 9
+    for kind, values in ref.items():
+        assert got[f"p_capital_{kind}"] == pytest.approx(sum(values) / len(values), abs=1e-5)

@@ -37,6 +37,36 @@ def run(model, exs, cfg, batch_size, **request):
                 per_task={k: 100 * sum(v) / len(v) for k, v in per_task.items()}, results=res, ok=ok)
 
 
+@torch.inference_mode()
+def answer_dependency(lm, examples, gen_length=32) -> dict:
+    """Whether the model reads the other answer tokens, on letter_word prompts (answers aaB, aBa, Baa): the mean
+    probability of the capital at a masked position when the two other positions show the lowercase letter (the
+    answer is then forced: 1.0 for a model that reads them) and when nothing is visible (the marginal, 1/3 ideally).
+    Equal figures mean every position is predicted from the prompt alone, so committing in parallel cannot hurt."""
+    rows, asks = [], []
+    for e in (e for e in examples if e["task"] == "letter_word"):
+        low, cap = re.search(r"letters (\w)/(\w)", e["prompt"]).groups()
+        prompt = lm.encode_prompt(e["prompt"])
+        li, ci = (lm.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in (low, cap))
+        eos = [lm.eos_token_ids[0]] * (gen_length - 3)
+        for hole in range(3):
+            answer = [li] * 3
+            answer[hole] = lm.mask_token_id
+            rows.append(prompt + answer + eos), asks.append((len(prompt) + hole, ci, "forced"))
+        rows.append(prompt + [lm.mask_token_id] * 3 + eos), asks.append((len(prompt), ci, "unforced"))
+    if not rows:
+        return {}
+    width = max(map(len, rows))  # left padding
+    ids = torch.tensor([[lm.pad_token_id] * (width - len(r)) + r for r in rows], device=lm.device)
+    attn = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=lm.device)
+    at = torch.tensor([[pos + width - len(r)] for r, (pos, _, _) in zip(rows, asks)], device=lm.device)
+    prob = lm(ids, attn, at)[:, 0].float().softmax(-1).cpu()   # [rows, V]
+    out = {"forced": [], "unforced": []}
+    for p, (_, ci, kind) in zip(prob, asks):
+        out[kind].append(float(p[ci]))
+    return {f"p_capital_{k}": sum(v) / len(v) for k, v in out.items()}
+
+
 def after_eot_share(results, block):
     """Share of forward passes spent on blocks that start after the first end-of-text token."""
     after = sum(f for r in results for b, f in enumerate(r.forwards_per_block) if b * block > r.answer_tokens)
@@ -92,7 +122,8 @@ def main():
         print(f"gen1024: {long['acc']:.1f}% after-EoT share {long['after_eot']:.3f} "
               f"same text as gen256 {long['same_text']:.3f}", flush=True)
 
-    md = render(runs, long, len(exs), a, fewshot)
+    dependency = answer_dependency(model, exs)
+    md = render(runs, long, len(exs), a, fewshot, dependency)
     print(md)
     summary = {k: {x: v[x] for x in ("acc", "nfe_per_prompt", "tpf", "seconds", "per_task")}
                for k, v in runs.items()}
@@ -108,7 +139,7 @@ def main():
         CARD.write_text(text)
 
 
-def render(runs, long, n, a, fewshot=None):
+def render(runs, long, n, a, fewshot=None, dependency=None):
     van = runs["vanilla"]
     lines = [f"Benchmark family, seed 0, {n} prompts ({a.per_task} per task), gen_length 256, block 32, "
              f"greedy, batch {a.batch_size}, `python -m learn2pd_core.tiny.measure`.", "",
@@ -122,6 +153,10 @@ def render(runs, long, n, a, fewshot=None):
         lines.append(f"| {t} | " + " | ".join(f"{r['per_task'][t]:.0f}" for r in runs.values()) + " |")
     egp = runs["egp oracle"]
     lines += ["", f"EGP oracle forward passes: {egp['nfe'] / van['nfe']:.3f} of vanilla's."]
+    if dependency:
+        lines += ["", f"Answer dependency (`measure.answer_dependency`, letter_word prompts): P(capital | the two other "
+                      f"letters shown lowercase) {dependency['p_capital_forced']:.2f}, P(capital | nothing shown) "
+                      f"{dependency['p_capital_unforced']:.2f} (a model that reads its own answer: 1.00 and 0.33)."]
     if fewshot:
         n_long = len(next(iter(fewshot.values()))["ok"])
         lines += ["", f"Long prompts (`tiny-long`: the same questions after few-shot prefixes of >= 300 tokens), "

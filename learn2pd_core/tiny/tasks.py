@@ -11,7 +11,9 @@ Held-out rule: a prompt belongs to the evaluation pool iff crc32(prompt) % 8 == 
 `instruction_examples` / `benchmark_examples` (any seed; the project evaluates with seed 0)
 draw only from that pool, `training_examples` (the model's SFT data, seeds >= 1000 by
 convention) only from the rest, so no evaluation prompt is ever trained on while every
-task *type* of both families is.
+task *type* of both families is. A second bucket, crc32 % 8 == 1, is the validation pool
+(`benchmark_examples(..., split="validation")`) that picks among training seeds; recipes
+that set `hold_validation` never train on it either.
 """
 import random
 import re
@@ -272,19 +274,33 @@ def score(example: dict, completion: str) -> bool:
 
 # ---------------------------------------------------------------- sampling
 def held_out(prompt: str) -> bool:
+    """The evaluation (test) pool."""
     return zlib.crc32(prompt.encode()) % 8 == 0
 
 
-def _examples(tasks, family, per_task, seed):
-    out = []
+def validation(prompt: str) -> bool:
+    """The validation pool: chooses among training seeds, never scored as the benchmark."""
+    return zlib.crc32(prompt.encode()) % 8 == 1
+
+
+def trainable(prompt: str, hold_validation: bool = False) -> bool:
+    return not held_out(prompt) and not (hold_validation and validation(prompt))
+
+
+SPLITS = {"test": held_out, "validation": validation}
+
+
+def _examples(tasks, family, per_task, seed, split="test"):
+    out, pool = [], SPLITS[split]
     for name, gen in tasks.items():
         rng, seen = random.Random(f"{name}-{seed}"), set()
         for _ in range(1000 * per_task):
             if len(seen) == per_task:
                 break
             prompt, answer = gen(rng)
-            if held_out(prompt) and prompt not in seen:
-                out.append({"id": f"{name}-{seed}-{len(seen)}", "family": family, "task": name,
+            if pool(prompt) and prompt not in seen:
+                out.append({"id": f"{name}-{seed}-{len(seen)}" + ("-val" if split == "validation" else ""),
+                            "family": family, "task": name,
                             "prompt": prompt, "answer": answer})
                 seen.add(prompt)
     return out
@@ -293,13 +309,14 @@ def _examples(tasks, family, per_task, seed):
 FEWSHOT_MIN_CHARS = 300  # GSM8K's 8-shot prompts are ~900 tokens; >= 300 is where a prefix cache starts to pay here
 
 
-def fewshot_prefix(task: str, rng: random.Random, min_chars: int = FEWSHOT_MIN_CHARS) -> str:
+def fewshot_prefix(task: str, rng: random.Random, min_chars: int = FEWSHOT_MIN_CHARS,
+                   hold_validation: bool = False) -> str:
     """Solved examples of `task` ('prompt\nanswer', blank line between), never from the held-out pool, until
     the prefix is at least min_chars long: the long-prompt (few-shot) form, GSM8K's layout at tiny scale."""
     shots, n = [], 0
     while n < min_chars:
         prompt, answer = BENCHMARK[task](rng)
-        if not held_out(prompt):
+        if trainable(prompt, hold_validation):
             shots.append(f"{prompt}\n{answer}\n\n")
             n += len(shots[-1])
     return "".join(shots)
@@ -309,10 +326,11 @@ def instruction_examples(per_task: int, seed: int = 0) -> list[dict]:
     return _examples(INSTRUCTION, "instruction", per_task, seed)
 
 
-def benchmark_examples(per_task: int, seed: int = 0, fewshot: bool = False) -> list[dict]:
+def benchmark_examples(per_task: int, seed: int = 0, fewshot: bool = False, split: str = "test") -> list[dict]:
     """Held-out benchmark prompts; fewshot=True puts a seeded few-shot prefix (fewshot_prefix) before each
-    question: the same questions, answers and scorers, prompts of >= 300 tokens (the long-prompt family)."""
-    exs = _examples(BENCHMARK, "benchmark", per_task, seed)
+    question: the same questions, answers and scorers, prompts of >= 300 tokens (the long-prompt family).
+    split="validation": the validation pool's questions instead (for choosing among training seeds)."""
+    exs = _examples(BENCHMARK, "benchmark", per_task, seed, split)
     if fewshot:
         for e in exs:
             e["prompt"] = fewshot_prefix(e["task"], random.Random(f"shots-{e['id']}")) + e["prompt"]
@@ -321,11 +339,12 @@ def benchmark_examples(per_task: int, seed: int = 0, fewshot: bool = False) -> l
 
 
 def training_stream(seed: int = 1000, benchmark_share: float = 0.7, task_weights: dict | None = None,
-                    fewshot: bool = False):
+                    fewshot: bool = False, hold_validation: bool = False):
     """Endless (prompt, answer) SFT pairs from both families, never from the held-out pool.
 
     task_weights: relative sampling weight per task name within its family (default 1).
-    fewshot: benchmark-family pairs only, each with a few-shot prefix (the long-prompt form)."""
+    fewshot: benchmark-family pairs only, each with a few-shot prefix (the long-prompt form).
+    hold_validation: never the validation pool either."""
     rng, w = random.Random(seed), task_weights or {}
     while True:
         tasks = BENCHMARK if fewshot or rng.random() < benchmark_share else INSTRUCTION
@@ -333,8 +352,8 @@ def training_stream(seed: int = 1000, benchmark_share: float = 0.7, task_weights
         # unweighted: rng.choice, which keeps the stream (and the shipped checkpoint's run) as it was
         name = rng.choices(names, [w.get(n, 1.0) for n in names])[0] if w else rng.choice(names)
         prompt, answer = tasks[name](rng)
-        if not held_out(prompt):
-            yield (fewshot_prefix(name, rng) + prompt if fewshot else prompt), answer
+        if trainable(prompt, hold_validation):
+            yield (fewshot_prefix(name, rng, hold_validation=hold_validation) + prompt if fewshot else prompt), answer
 
 
 def training_examples(n: int, seed: int = 1000, benchmark_share: float = 0.7,

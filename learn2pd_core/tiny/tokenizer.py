@@ -3,9 +3,6 @@
 One token per printable ASCII character (plus newline), so every task string
 round-trips exactly, and a handful of special tokens in the LLaDA mould.
 """
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
-
 MASK, EOS, PAD, USER, ASSISTANT, UNK = (
     "<|mask|>", "<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|unk|>")
 SPECIALS = [PAD, EOS, MASK, USER, ASSISTANT, UNK]
@@ -21,7 +18,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer():
+    """A transformers PreTrainedTokenizerFast (imported here, so the constants above load without transformers)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(ALPHABET))}
     # BPE without merges == one token per character; no pre-tokenizer, so spaces are ordinary chars.
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))

@@ -123,8 +123,9 @@ def batches(tok, hp, seed, groups=4):
     Draws `groups` batches' worth of pairs at once and sorts them by length, so little compute
     goes to prompt padding or to stretching L for one long answer."""
     rng = random.Random(seed)
-    stream = training_stream(seed, hp["benchmark_share"], hp["task_weights"])
-    fewshot = training_stream(seed + 1, 1.0, hp["task_weights"], fewshot=True)
+    hold = hp.get("hold_validation", False)
+    stream = training_stream(seed, hp["benchmark_share"], hp["task_weights"], hold_validation=hold)
+    fewshot = training_stream(seed + 1, 1.0, hp["task_weights"], fewshot=True, hold_validation=hold)
     while True:
         gl0 = rng.choices(hp["gen_lengths"], hp["gen_probs"])[0]
         # a few-shot batch: all its rows have ~350-token prompts, so fewer of them fit the token budget
@@ -140,6 +141,18 @@ def batches(tok, hp, seed, groups=4):
             yield gl, encode_batch(tok, pairs, gl)
 
 
+def training_batches(tok, hp, seed):
+    """A run's batches in order: with first_steps, that many batches of first_tasks alone first (benchmark family,
+    single-block gen 32, no few-shot prompts: a phase for skills the mix leaves unlearned), then the recipe's mix."""
+    if hp.get("first_steps"):
+        weights = {t: hp["first_tasks"].get(t, 0.0) for t in BENCHMARK_TASKS}  # the tasks not named: never drawn
+        first = batches(tok, {**hp, "benchmark_share": 1.0, "task_weights": weights, "gen_lengths": (32,),
+                              "gen_probs": (1.0,), "fewshot_share": 0.0}, seed + 2)
+        for _ in range(hp["first_steps"]):
+            yield next(first)
+    yield from batches(tok, hp, seed)
+
+
 @torch.no_grad()
 def fixed_eval_loss(model, tok, hp, seed=1, n=4):
     """Loss on fixed batches with fixed masks: comparable across training steps."""
@@ -152,7 +165,9 @@ def fixed_eval_loss(model, tok, hp, seed=1, n=4):
     return loss
 
 
-def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, device="cpu", **overrides):
+def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, device="cpu", deadline=None, **overrides):
+    """deadline (a time.time(), for sweeps on a lent machine): after 200 steps, shorten the run if its step rate
+    would not finish it by then; the cosine schedule follows the new length (info["hp"]["steps"] says it)."""
     hp = {**(TINY if tiny else DEFAULTS), **{k: v for k, v in overrides.items() if v is not None}}
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -162,8 +177,15 @@ def train(out=None, seed=1000, tiny=False, log_every=50, save_every=0, device="c
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1, s / hp["steps"])))))
     gen = torch.Generator().manual_seed(seed)
     eval_before = fixed_eval_loss(model, tok, hp)
-    t0, ema, it = time.time(), None, batches(tok, hp, seed)
-    for step in range(1, hp["steps"] + 1):
+    t0, ema, it = time.time(), None, training_batches(tok, hp, seed)
+    step = 0
+    while step < hp["steps"]:
+        step += 1
+        if deadline and step == 201:  # the schedule reads hp["steps"] at every step
+            fit = max(step, 200 + int((deadline - time.time()) * 200 / (time.time() - t0)))
+            if fit < hp["steps"]:
+                print(f"deadline: {hp['steps']} steps would not finish in time; running {fit}", flush=True)
+                hp["steps"] = fit
         gl, batch = next(it)
         loss = diffusion_loss(model, *batch, tok.mask_token_id, hp["eps"], gen, tok.eos_token_id,
                               hp["semi_ar_share"])
@@ -225,6 +247,12 @@ def main():
     ap.add_argument("--task-weight", action="append", default=[], metavar="TASK=W", type=task_weight,
                     help="sampling weight of a task within its family, e.g. letter_word=1.5 (repeatable;\n"
                          "replaces the default weights: 2 for every benchmark task but number_pick)")
+    ap.add_argument("--first-steps", type=int, dest="first_steps",
+                    help="a first phase of this many steps on --first-task tasks alone (see training_batches)")
+    ap.add_argument("--first-task", action="append", default=[], metavar="TASK=W", type=task_weight,
+                    help="a task of the first phase and its weight (repeatable), e.g. letter_word=1")
+    ap.add_argument("--hold-validation", action="store_true", default=None, dest="hold_validation",
+                    help="never train on the validation pool (tasks.validation), so seeds can be chosen on it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="e.g. cuda, to explore recipes on a GPU (the shipped recipe's\n"
                                                      "budget is 30 minutes on 2 CPU cores)")
@@ -236,7 +264,9 @@ def main():
     train(a.out, seed=a.seed, tiny=a.tiny_config, log_every=5 if a.tiny_config else 50, save_every=a.save_every,
           device=a.device,
           steps=a.steps, lr=a.lr, hidden=a.hidden, layers=a.layers,
-          tokens_per_batch=a.tokens_per_batch, semi_ar_share=a.semi_ar_share, fewshot_share=a.fewshot_share, task_weights=weights or None)
+          tokens_per_batch=a.tokens_per_batch, semi_ar_share=a.semi_ar_share, fewshot_share=a.fewshot_share,
+          hold_validation=a.hold_validation, task_weights=weights or None,
+          first_steps=a.first_steps, first_tasks=dict(a.first_task) or None)
 
 
 if __name__ == "__main__":
