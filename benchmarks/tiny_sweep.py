@@ -4,6 +4,7 @@ is then reproduced on the CPU with `python -m learn2pd_core.tiny.train` (MODEL_C
 
     python benchmarks/tiny_sweep.py --out DIR --device cuda --recipes shipped,arith --seeds 1000,1001 --steps 12000
     python benchmarks/tiny_sweep.py --out /tmp/s --smoke          # a minute on the CPU: the same code, tiny shapes
+    python benchmarks/tiny_sweep.py --out DIR --checkpoints A,B       # measure checkpoints trained on the CPU alike
 
 Every run trains with `hold_validation` (never sees the validation pool) in its own process; batches and masks are
 drawn on the CPU from the run's seed exactly as a CPU run draws them, so only the arithmetic's rounding differs from
@@ -141,12 +142,32 @@ def one_run(name, recipe, seed, steps, device, out_dir, smoke, per_task, long_pe
     return result
 
 
+def measure_checkpoint(path, out_dir, per_task, long_per_task, batch_size, threads):
+    """A checkpoint trained elsewhere (e.g. `python -m learn2pd_core.tiny.train` on the CPU), measured as the runs are."""
+    import torch
+    from learn2pd_core import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(path, device="cpu")
+    info = json.loads((Path(path) / "training_info.json").read_text())
+    t = time.time()
+    figures = measure(lm.model, lm.tokenizer, per_task, long_per_task, batch_size)
+    name = Path(path).name
+    result = {"run": name, "recipe": "checkpoint", "seed": info["seed"], "steps": info["hp"]["steps"],
+              "train_s": info["wall_s"], "measure_s": round(time.time() - t, 1), "loss_ema": info["final_loss_ema"],
+              "info": info, **figures}
+    (Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / name / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def table(results) -> str:
     from learn2pd_core.tiny.tasks import BENCHMARK_TASKS
 
     lines = ["| run | steps | train s | val vanilla % | val τ0.5 Δ | val τ0.9 Δ | test vanilla % | test τ0.5 Δ | "
-             "test τ0.9 Δ | EGP forwards / vanilla | test per task (vanilla) | few-shot vanilla % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "test τ0.9 Δ | EGP forwards / vanilla | test per task (vanilla) | few-shot vanilla % | "
+             "P(capital), forced / not (val) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: r["run"]):
         v, t = r["validation"], r["test"]
         d = lambda s, k: f"{s[k]['acc'] - s['vanilla']['acc']:+.1f}"
@@ -156,7 +177,9 @@ def table(results) -> str:
                      f"{d(v, 'threshold 0.5')} | {d(v, 'threshold 0.9')} | {t['vanilla']['acc']:.1f} | "
                      f"{d(t, 'threshold 0.5')} | {d(t, 'threshold 0.9')} | {egp:.3f} | "
                      + " / ".join(f"{t['vanilla']['per_task'][k]:.0f}" for k in BENCHMARK_TASKS)
-                     + f" | {'-' if few is None else f'{few:.1f}'} |")
+                     + f" | {'-' if few is None else f'{few:.1f}'} | "
+                     + (f"{dep['p_capital_forced']:.2f} / {dep['p_capital_unforced']:.2f} |" if (dep := v.get("dependency"))
+                        else "- |"))
     return "\n".join(lines)
 
 
@@ -173,6 +196,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--train-within", type=float, default=0, metavar="S",
                     help="shorten runs (decided after 200 steps) so that training ends S seconds after the start")
+    ap.add_argument("--checkpoints", default="", help="comma-separated checkpoint folders to measure instead of training\n"
+                                                     "(each with its training_info.json); runs on the CPU")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per process (with --checkpoints)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few steps, 2 prompts per task (CPU)")
     a = ap.parse_args()
     recipes, seeds = a.recipes.split(","), [int(s) for s in a.seeds.split(",")]
@@ -182,20 +208,25 @@ def main():
     if a.smoke:
         a.steps, a.per_task, a.long_per_task, a.batch_size = 10, 2, 1, 16
     runs = [(f"{r}-{s}", r, s) for r in recipes for s in seeds]
+    checkpoints = [c for c in a.checkpoints.split(",") if c]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = [], time.time()
     deadline = t0 + a.train_within if a.train_within else None
-    with ProcessPoolExecutor(a.procs or len(runs), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(one_run, name, r, s, a.steps, a.device, str(out), a.smoke, a.per_task,
-                               a.long_per_task, a.batch_size, deadline): name for name, r, s in runs}
+    with ProcessPoolExecutor(a.procs or len(checkpoints or runs), mp_context=get_context("spawn")) as pool:
+        if checkpoints:
+            futures = {pool.submit(measure_checkpoint, c, str(out), a.per_task, a.long_per_task, a.batch_size,
+                                   a.threads): c for c in checkpoints}
+        else:
+            futures = {pool.submit(one_run, name, r, s, a.steps, a.device, str(out), a.smoke, a.per_task,
+                                   a.long_per_task, a.batch_size, deadline): name for name, r, s in runs}
         for f in as_completed(futures):
             try:
                 results.append(f.result())
             except Exception as e:  # one failed run is reported; the others go on
                 print(f"{futures[f]}: failed: {type(e).__name__}: {e}", flush=True)
                 continue
-            md = (f"`python benchmarks/tiny_sweep.py {' '.join(sys.argv[1:])}`, {len(results)} of {len(runs)} runs "
+            md = (f"`python benchmarks/tiny_sweep.py {' '.join(sys.argv[1:])}`, {len(results)} of {len(futures)} runs "
                   f"done after {time.time() - t0:.0f} s\n\n{table(results)}\n")
             (out / "sweep.md").write_text(md)
             print(md, flush=True)

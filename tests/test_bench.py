@@ -148,6 +148,16 @@ def test_tiny_sweep_trains_and_measures_each_run(tmp_path):
             assert 0 <= result[split]["dependency"]["p_capital_forced"] <= 1
         assert result["test"]["egp oracle"]["nfe_per_prompt"] < result["test"]["vanilla"]["nfe_per_prompt"]
     assert json.loads((tmp_path / "arith-1000" / "result.json").read_text())["info"]["hp"]["task_weights"]["simplify"] == 3
+    # a checkpoint trained elsewhere, measured alike
+    ckpt = tmp_path / "cpu-run"
+    subprocess.run([sys.executable, "-m", "learn2pd_core.tiny.train", "--out", str(ckpt), "--tiny-config",
+                    "--threads", "1", "--save-every", "0"], check=True, capture_output=True, timeout=300)
+    measured = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "m"), "--checkpoints", str(ckpt),
+                               "--per-task", "1", "--long-per-task", "0", "--batch-size", "8"],
+                              capture_output=True, text=True, timeout=300)
+    assert measured.returncode == 0, measured.stderr
+    result = json.loads((tmp_path / "m" / "cpu-run" / "result.json").read_text())
+    assert result["steps"] == 40 and {"vanilla", "threshold 0.5"} <= set(result["validation"])
     unknown = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--recipes", "nope"],
                              capture_output=True, text=True, timeout=120)
     assert unknown.returncode != 0 and "unknown recipe 'nope'" in unknown.stderr
