@@ -39,15 +39,22 @@ except ImportError:
 
 from learn2pd_core.tiny.tokenizer import ALPHABET, ASSISTANT, EOS, MASK, PAD, SPECIALS, USER  # noqa: E402
 
-# Overrides of train.DEFAULTS; every run adds hold_validation.
+# Overrides of train.DEFAULTS; every run adds hold_validation. Only `shipped` has the first phase on letter_word.
+_NO_PHASE = {"first_steps": 0}
 RECIPES = {
     "shipped": {},
+    # the recipe before the first phase (MODEL_CARD.md point 11; `shipped` in docs/tiny_sweep.md's runs)
+    "point11": {**_NO_PHASE, "task_weights": {"word_problem": 2.0, "simplify": 2.0, "string_program": 2.0,
+                                              "letter_word": 2.0}},
     # the arithmetic tasks drawn 1.5x as often as the other weighted ones (MODEL_CARD.md, point 10: weighting them
     # learned them, at the cost of copying when string_program was not weighted too)
-    "arith": {"task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0, "letter_word": 2.0}},
+    "arith": {**_NO_PHASE, "task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0,
+                                            "letter_word": 2.0}},
     # letter_word, the task whose answer tokens depend on each other, drawn 2.5x / 5x as often as in arith
-    "lw5": {"task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0, "letter_word": 5.0}},
-    "lw10": {"task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0, "letter_word": 10.0}},
+    "lw5": {**_NO_PHASE, "task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0,
+                                          "letter_word": 5.0}},
+    "lw10": {**_NO_PHASE, "task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0,
+                                           "letter_word": 10.0}},
 }
 TAUS = (0.5, 0.9)
 
@@ -136,9 +143,14 @@ def one_run(name, recipe, seed, steps, device, out_dir, smoke, per_task, long_pe
         figures = measure(model, tok, per_task, long_per_task, batch_size)
     result = {"run": name, "recipe": recipe, "seed": seed, "steps": info["hp"]["steps"], "train_s": info["wall_s"],
               "measure_s": round(time.time() - t, 1), "loss_ema": info["final_loss_ema"], "info": info, **figures}
+    return write_result(run_dir, result)
+
+
+def write_result(run_dir: Path, result: dict) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, run_dir / "result.json")
+    os.replace(tmp, run_dir / "result.json")   # atomic: a sweep cut short never leaves half a result
     return result
 
 
@@ -156,9 +168,7 @@ def measure_checkpoint(path, out_dir, per_task, long_per_task, batch_size, threa
     result = {"run": name, "recipe": "checkpoint", "seed": info["seed"], "steps": info["hp"]["steps"],
               "train_s": info["wall_s"], "measure_s": round(time.time() - t, 1), "loss_ema": info["final_loss_ema"],
               "info": info, **figures}
-    (Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / name / "result.json").write_text(json.dumps(result, indent=1))
-    return result
+    return write_result(Path(out_dir) / name, result)
 
 
 def table(results) -> str:
