@@ -279,7 +279,7 @@ def _predict_float64(block_logits, temperature, generators, mask_id):
 @pytest.mark.parametrize("which", ["fixture", "tiny"])
 @pytest.mark.parametrize("method", ["vanilla", "threshold+eotp", "factor"])
 def test_float32_greedy_confidences_give_the_float64_tokens(which, method, monkeypatch, request):
-    """Greedy confidences come from a float32 max and logsumexp, not a float64 copy of the full-vocabulary logits:
+    """Greedy confidences come from a float32 max and sum of exponentials, not a float64 copy of the full-vocabulary logits:
     the same tokens as the float64 softmax on this project's tiny model and on LLaDA's reference checkpoint."""
     import learn2pd_core.engine as engine
     if which == "fixture" and not (FIXTURE / "reference.safetensors").is_file():

@@ -64,6 +64,29 @@ def test_context_features_are_each_positions_own():
     assert len(ContextFilter.FEATURES) == got.shape[-1]
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_context_filter_decoding_pass_equals_features_then_net(layers):
+    # The folded pass that decoding takes (no gradients) against the plain one: features built, then `net`.
+    torch.manual_seed(layers)
+    filt = ContextFilter(block_size=8, layers=layers)
+    conf = torch.rand(6, 8)
+    conf[0, :3] = torch.tensor([1.0, 0.0, 1 - 1e-9])                 # the clamp's edge cases
+    masked = torch.rand(6, 8) < 0.5
+    masked[1], masked[2], masked[3, [0, 7]] = False, True, True        # nothing masked, all masked, both block edges
+    block, step = torch.tensor([0, 1, 7, 8, 9, 40]), torch.tensor([0, 3, 8, 9, 2, 31])
+
+    def plain():
+        with torch.enable_grad():
+            return filt.head(filt.inputs(conf, masked, block, step)).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(filt(conf, masked, block, step), plain(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(filt(conf[3:4], masked[3:4], block[3:4], step[3:4]), plain()[3:4], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():                                               # new weights: the folded copy follows
+        for change in (lambda: filt.net[0].weight.mul_(-2), lambda: filt.net[0].bias.add_(1)):
+            change()
+            torch.testing.assert_close(filt(conf, masked, block, step), plain(), rtol=1e-5, atol=1e-5)
+
+
 def test_calibration_bins_and_error():
     from learn2pd_core.filter import calibration
     prob = [0.1, 0.3, 0.95, 0.95, 0.999, 1.0]
