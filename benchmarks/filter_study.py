@@ -101,7 +101,7 @@ def trace_tables(study: dict) -> list[str]:
              f"{study['held_out_prompts']} held-out prompts, {study['rules']['threshold']['positions']:,} masked "
              f"positions, {100 * study['rules']['threshold']['correct_share']:.1f}% of them already right. "
              "Cell: committed share / wrong commits. The threshold rule commits confidence > τ.", "",
-             "| rule | " + " | ".join(f"τ {t:g}" for t in TAUS) + " | BCE | ECE |", "|---" * (len(TAUS) + 4) + "|"]
+             "| rule | " + " | ".join(f"τ {t:g}" for t in TAUS) + " | BCE | ECE |", "|---" * (len(TAUS) + 3) + "|"]
     for name, r in study["rules"].items():
         cells = [f"{100 * r[f'{t:g}']['committed']:.1f}% / {r[f'{t:g}']['wrong']}" for t in TAUS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['bce']:.4f} | {r['calibration']['ece']:.4f} |")
