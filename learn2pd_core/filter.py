@@ -133,8 +133,8 @@ class ContextFilter(_Filter):
         per_row = torch.stack([m.mean(dim=1), least, step.clamp(max=8).to(m.dtype),
                                block.clamp(max=8).to(m.dtype)], dim=1)            # [N, 4]
         h = (h + position_bias).add_((per_row @ row_weight)[:, :, None]).transpose(1, 2)   # [N, S, H]
-        for layer in list(self.net)[1:]:
-            h = layer(h)
+        for layer in list(self.net)[1:]:   # functional calls: a module call's hooks machinery costs more here
+            h = h.relu() if isinstance(layer, nn.ReLU) else nn.functional.linear(h, layer.weight, layer.bias)
         return h.squeeze(-1)                                                     # [N, S]
 
     def _folded_first_layer(self, S: int):
