@@ -40,21 +40,23 @@ except ImportError:
 from learn2pd_core.tiny.tokenizer import ALPHABET, ASSISTANT, EOS, MASK, PAD, SPECIALS, USER  # noqa: E402
 
 # Overrides of train.DEFAULTS; every run adds hold_validation. Only `shipped` has the first phase on letter_word.
-_NO_PHASE = {"first_steps": 0}
+def _no_phase(letter_word: float, arithmetic: float = 3.0) -> dict:
+    """A recipe without the first phase, its mix weighting word_problem and simplify by `arithmetic`,
+    string_program by 2 and letter_word by `letter_word` (number_pick 1)."""
+    return {"first_steps": 0, "task_weights": {"word_problem": arithmetic, "simplify": arithmetic,
+                                               "string_program": 2.0, "letter_word": letter_word}}
+
+
 RECIPES = {
     "shipped": {},
     # the recipe before the first phase (MODEL_CARD.md point 11; `shipped` in docs/tiny_sweep.md's runs)
-    "point11": {**_NO_PHASE, "task_weights": {"word_problem": 2.0, "simplify": 2.0, "string_program": 2.0,
-                                              "letter_word": 2.0}},
+    "point11": _no_phase(2.0, arithmetic=2.0),
     # the arithmetic tasks drawn 1.5x as often as the other weighted ones (MODEL_CARD.md, point 10: weighting them
     # learned them, at the cost of copying when string_program was not weighted too)
-    "arith": {**_NO_PHASE, "task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0,
-                                            "letter_word": 2.0}},
+    "arith": _no_phase(2.0),
     # letter_word, the task whose answer tokens depend on each other, drawn 2.5x / 5x as often as in arith
-    "lw5": {**_NO_PHASE, "task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0,
-                                          "letter_word": 5.0}},
-    "lw10": {**_NO_PHASE, "task_weights": {"word_problem": 3.0, "simplify": 3.0, "string_program": 2.0,
-                                           "letter_word": 10.0}},
+    "lw5": _no_phase(5.0),
+    "lw10": _no_phase(10.0),
 }
 TAUS = (0.5, 0.9)
 

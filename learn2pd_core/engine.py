@@ -315,7 +315,7 @@ def _predict(block_logits: torch.Tensor, temperature: float, generators, mask_id
         logits = block_logits.float()   # float32 logits: the step's own, which nothing reads after this
         logits[..., mask_id] = float("-inf")
         top, pred = logits.max(dim=-1)
-        # softmax at the maximum, 1 / sum(exp(logits - max)): three in-place passes, no copy of the vocabulary
+        # softmax at the maximum, 1 / sum(exp(logits - max)), in place: no second copy of the vocabulary
         return pred, logits.sub_(top[..., None]).exp_().sum(dim=-1).reciprocal_()
     logits = block_logits.double()
     logits[..., mask_id] = float("-inf")
